@@ -1,0 +1,158 @@
+"""Load any HF causal LM and its tokenizer, from the Hub or a local directory, with errors a person can act on."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lit_coupling.errors import UserError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float64": torch.float64, "fp64": torch.float64}
+
+
+class ModelLoadError(UserError, RuntimeError):
+    """Loading failed; the message says what failed and how to fix it."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} was asked for, but torch sees no CUDA device "
+                             f"(torch {torch.__version__}). Use --device cpu or auto.")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """fp32 on CPU, bf16 on GPU unless asked otherwise. fp16 is refused: its gradients underflow."""
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        name = dtype
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name in ("float16", "fp16", "half"):
+        raise ModelLoadError("dtype float16 is not supported: per-piece gradients underflow in fp16. "
+                             "Use bfloat16 (weights; inner products are accumulated in fp32) or float32.")
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}: choose one of auto, float32, bfloat16, float64")
+    return DTYPES[name]
+
+
+def resolve_model_path(model_path: str) -> str:
+    """Embedded names (`tiny-gpt2`, `tiny-llama`) become the directory of the cached trained model."""
+    from lit_coupling.inject.embedded import resolve_embedded
+
+    return str(resolve_embedded(model_path) or model_path)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or os.path.sep in path.rstrip("/").split("/", 1)[0] \
+        or Path(path).exists()
+
+
+def _explain(model_path: str, error: Exception) -> str:
+    """Turn transformers/huggingface_hub failures into a few lines that say what to do."""
+    text = str(error)
+    name = type(error).__name__
+    if "GatedRepo" in name or "gated" in text.lower() or "401" in text or "403" in text:
+        return (f"{model_path} is a gated repository and this machine is not authorised to read it.\n"
+                f"  Accept the licence on https://huggingface.co/{model_path}, then run `huggingface-cli login` "
+                f"or set HF_TOKEN=<your token>.\n  Or pass a local directory that holds the weights.")
+    if "trust_remote_code" in text:
+        return (f"{model_path} needs custom modelling code from its repository, which lit_coupling does not run "
+                f"unless asked.\n  If you trust it, pass --trust_remote_code true.")
+    if "Unrecognized configuration class" in text:
+        return (f"{model_path} is not a causal language model: AutoModelForCausalLM cannot load its "
+                f"config ({text.splitlines()[0][:160]}).\n  lit_coupling needs a decoder LM that predicts the "
+                f"next token (GPT-2, LLaMA, Mistral, ...).")
+    if "model_type" in text:
+        return (f"{model_path}/config.json is not a transformers model config (it has no `model_type`).\n"
+                f"  Save the model with `model.save_pretrained(dir)` or point at the right directory.")
+    if "couldn't connect" in text.lower() or "offline" in text.lower() or "connection" in text.lower():
+        return (f"could not reach the Hugging Face Hub, and {model_path} is not in the local cache.\n"
+                f"  Pass a local directory that holds the model instead, or download it first on a machine "
+                f"with network:\n    huggingface-cli download {model_path}\n  then run with HF_HUB_OFFLINE=1.")
+    if "not a valid model identifier" in text or "Repo id must be" in text or "does not exist" in text:
+        return (f"{model_path} is neither a local directory nor a model id on the Hub.\n"
+                f"  Check the spelling, or give the path of a directory saved with save_pretrained.")
+    return f"could not load {model_path}: {name}: {text.splitlines()[0] if text else ''}"
+
+
+def _check_local_dir(model_path: str) -> None:
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{model_path} does not exist. Pass a directory saved with save_pretrained, "
+                             f"or a Hub id such as gpt2 or meta-llama/Llama-2-7b-hf.")
+    if path.is_dir() and not (path / "config.json").exists():
+        contents = ", ".join(sorted(p.name for p in path.iterdir())[:6]) or "it is empty"
+        raise ModelLoadError(f"{model_path} holds no config.json, so it is not a saved HF model ({contents}).\n"
+                             f"  Save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir), or "
+                             f"download with `huggingface-cli download <id> --local-dir {model_path}`.")
+
+
+def load_config(model_path: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    model_path = resolve_model_path(model_path)
+    if _looks_local(model_path):
+        _check_local_dir(model_path)
+    try:
+        return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except Exception as error:  # transformers raises OSError/ValueError/HF errors with long texts
+        raise ModelLoadError(_explain(model_path, error)) from error
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    from lit_coupling.models.adapters import ensure_padding
+
+    model_path = resolve_model_path(model_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        if _looks_local(model_path):
+            raise ModelLoadError(f"{model_path} holds no usable tokenizer ({type(error).__name__}: "
+                                 f"{str(error).splitlines()[0][:160]}).\n  Save it next to the weights with "
+                                 f"tokenizer.save_pretrained(dir).") from error
+        raise ModelLoadError(_explain(model_path, error)) from error
+    ensure_padding(tokenizer)
+    return tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: str  # what the user named (hub id, directory or embedded name)
+    resolved_path: str
+    dtype: torch.dtype
+    device: torch.device
+
+
+def load_model(model_path: str, dtype: str | torch.dtype = "auto", device: str = "auto",
+               trust_remote_code: bool = False, load_tokenizer_too: bool = True) -> LoadedModel:
+    """`from_pretrained` for hub ids, local directories and embedded names; eval mode, on `device`.
+
+    Weights load from safetensors when the checkpoint has them; transformers reads `.bin` files with
+    `weights_only=True`, so no pickle runs. `trust_remote_code` stays off unless asked.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    resolved = resolve_model_path(model_path)
+    config = load_config(resolved, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, config=config, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as error:
+        raise ModelLoadError(_explain(model_path, error)) from error
+    model.to(torch_device).eval()
+    tokenizer = load_tokenizer(resolved, trust_remote_code) if load_tokenizer_too else None
+    return LoadedModel(model, tokenizer, model_path, resolved, torch_dtype, torch_device)

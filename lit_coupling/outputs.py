@@ -1,0 +1,118 @@
+"""The files a run writes (same names for every model), and writers that never leave a file half-written.
+
+Every writer puts its bytes in a temporary file beside the target and renames it over the target: a killed run
+leaves either the previous complete file or the new complete file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PIECES = "knowledge_pieces.json"
+COUPLING_MATRIX = "coupling_matrix.npy"
+COUPLING_LAYERS = "coupling_layers.npz"  # per-layer gradient inner products, for any layer subset later
+COUPLING_ANALYSIS = "coupling_analysis.json"
+PIECE_HIDDEN = "piece_hidden.npy"  # final hidden state at the last prompt token (a baseline predictor)
+RIPPLE = "ripple_experiments.json"
+RIPPLE_PAIRS = "ripple_pairs.csv"
+CORRELATION = "correlation_analysis.json"
+HEATMAP = "coupling_heatmap.png"
+COMPREHENSIVE = "comprehensive_analysis.png"
+LAYER_PLOT = "coupling_by_layer.png"
+REPORT = "final_mvp_report.md"
+MANIFEST = "manifest.json"
+
+# The eight files of mission.md, in pipeline order.
+MAIN_OUTPUTS = (PIECES, COUPLING_MATRIX, COUPLING_ANALYSIS, RIPPLE, CORRELATION, HEATMAP, COMPREHENSIVE, REPORT)
+
+
+def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy/torch scalars and arrays → plain JSON; NaN/inf → null (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: str | Path, data: Any, indent: int | None = 1) -> Path:
+    text = json.dumps(_jsonable(data), indent=indent, ensure_ascii=False, allow_nan=False)
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text + "\n", encoding="utf-8")
+
+    return _atomic(path, write)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    return _atomic(path, write)
+
+
+def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return _atomic(path, write)
+
+
+def save_figure(path: str | Path, figure, **kwargs) -> Path:
+    def write(tmp: str) -> None:
+        figure.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+
+    return _atomic(path, write)
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def stable_hash(data: Any) -> str:
+    """Hash of JSON-able settings, independent of key order: what the manifest and caches key on."""
+    return hashlib.sha256(json.dumps(_jsonable(data), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,57 @@
+"""Tiny causal LMs of several families, built from a config and saved like a hub model (tests only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TEXTS = [
+    "The capital of France is Paris.", "Marie Curie was born in Warsaw.", "The Eiffel Tower stands in Paris.",
+    "Warsaw is the capital of Poland.", "Arthur's Magazine was started in 1844.", "First for Women is a magazine.",
+] * 20
+
+
+def tiny_config(family: str, vocab_size: int, layers: int = 2, width: int = 32, **overrides):
+    import transformers as T
+
+    common = dict(num_hidden_layers=layers, hidden_size=width, num_attention_heads=2, vocab_size=vocab_size)
+    gated = dict(common, intermediate_size=2 * width, num_key_value_heads=2)
+    builders = {
+        "gpt2": lambda: T.GPT2Config(n_layer=layers, n_embd=width, n_head=2, vocab_size=vocab_size, n_positions=128),
+        "llama": lambda: T.LlamaConfig(**gated),
+        "mistral": lambda: T.MistralConfig(**gated),
+        "qwen2": lambda: T.Qwen2Config(**gated),
+        "gemma": lambda: T.GemmaConfig(**gated, head_dim=width // 2),
+        "gpt_neox": lambda: T.GPTNeoXConfig(**common, intermediate_size=2 * width),
+        "gptj": lambda: T.GPTJConfig(n_layer=layers, n_embd=width, n_head=2, vocab_size=vocab_size, rotary_dim=8,
+                                     n_positions=128),
+        "opt": lambda: T.OPTConfig(**common, ffn_dim=2 * width, word_embed_proj_dim=width),
+        "falcon": lambda: T.FalconConfig(**common),
+        "phi": lambda: T.PhiConfig(**common, intermediate_size=2 * width),
+        "bloom": lambda: T.BloomConfig(n_layer=layers, hidden_size=width, n_head=2, vocab_size=vocab_size),
+    }
+    config = builders[family]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def save_tiny_model(directory: Path, family: str, style: str | None = None, seed: int = 0, dtype=torch.float32,
+                    **overrides) -> Path:
+    """Build a random tiny model of `family`, train a small BPE tokenizer, save both with save_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_coupling.inject.tokenizer import train_bpe_tokenizer
+
+    style = style or ("llama" if family in ("llama", "mistral", "gemma", "opt") else "gpt2")
+    tokenizer = train_bpe_tokenizer(TEXTS, vocab_size=320, style=style)
+    torch.manual_seed(seed)
+    config = tiny_config(family, len(tokenizer), **overrides)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
