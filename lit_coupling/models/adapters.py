@@ -282,9 +282,7 @@ class ModelAdapter:
 
     def bos_ids(self, tokenizer) -> list[int]:
         """Token ids put before every text: [BOS] for families that train with it, else nothing."""
-        if self.family.prepend_bos and tokenizer.bos_token_id is not None:
-            return [tokenizer.bos_token_id]
-        return []
+        return bos_ids(self.model.config, tokenizer, self.family)
 
     def describe(self) -> dict:
         """A JSON-ready description of what is targeted (goes into every output file's model section)."""
@@ -300,6 +298,20 @@ class ModelAdapter:
             "d_model": self.d_model,
             "fallback": self.fallback_reason,
         }
+
+
+def bos_ids(config, tokenizer, family: Family | None = None) -> list[int]:
+    """[BOS] where the family's convention puts one before every text, else []; needs only the config.
+
+    Families outside the table follow their tokenizer: BOS is used when the tokenizer adds it by itself.
+    """
+    family = family or FAMILY_BY_MODEL_TYPE.get(getattr(config, "model_type", ""))
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    if family is not None and family.name != "unknown":
+        return [bos] if family.prepend_bos else []
+    return [bos] if tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos] else []
 
 
 def ensure_padding(tokenizer) -> int:
