@@ -1,0 +1,1 @@
+"""Does GradSim predict ripple? Pair table, statistics, plots, report, W&B, cross-model comparison."""

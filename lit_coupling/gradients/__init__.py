@@ -1,0 +1,1 @@
+"""GradSim: per-piece gradients of log P(answer | prompt) on the MLP output projections, and their cosines."""
