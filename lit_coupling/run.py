@@ -62,8 +62,8 @@ class RunConfig:
     """cpu, cuda or auto."""
     dtype: str = "auto"
     """auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float64."""
-    output_dir: str = "runs/default"
-    """Where every output file of the run goes."""
+    output_dir: str | None = None
+    """Where every output file of the run goes; default runs/<model name>."""
     stages: str = "pieces,gradsim,ripple,analysis,report"
     """Comma-separated stages to run, in pipeline order."""
     seed: int = 0
@@ -123,7 +123,22 @@ def build_parser():
     return parser
 
 
+# Switches that read naturally without a value: `--overwrite` means `--overwrite true`.
+_SWITCHES = ("--overwrite", "--trust_remote_code")
+
+
+def _expand_switches(argv: list[str]) -> list[str]:
+    expanded = []
+    for i, arg in enumerate(argv):
+        expanded.append(arg)
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in _SWITCHES and (following is None or following.lower() not in ("true", "false")):
+            expanded.append("true")
+    return expanded
+
+
 def parse_config(argv: list[str] | None) -> RunConfig:
+    argv = _expand_switches(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     namespace = parser.parse_args(argv)
     namespace = parser.instantiate_classes(namespace)
@@ -131,20 +146,54 @@ def parse_config(argv: list[str] | None) -> RunConfig:
     return RunConfig(**{k: v for k, v in data.items() if k in RunConfig.__dataclass_fields__})
 
 
+def default_output_dir(model_path: str) -> str:
+    """runs/<model>: one directory per model, so runs of different models never mix."""
+    name = Path(model_path.rstrip("/")).name if Path(model_path).exists() else model_path
+    return str(Path("runs") / "".join(c if c.isalnum() or c in "-_." else "_" for c in name))
+
+
 def run(cfg: RunConfig) -> list[tuple[str, StageResult]]:
+    """Run the chosen stages in order, skipping those already finished with the same inputs and settings.
+
+    Under `--trainer.strategy ddp` Lightning re-executes this command in every rank; every rank walks the same
+    stages (the predict stages need all of them), and only global rank 0 writes the manifest and final files.
+    """
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from lit_coupling.manifest import Manifest, stage_hashes
+
+    is_rank_zero = rank_zero_only.rank == 0
+    cfg.output_dir = cfg.output_dir or default_output_dir(cfg.model_path)
     out = Path(cfg.output_dir)
+    names = cfg.stage_list()
+    stages = [(name, load_stage(name)) for name in names]  # refuse before doing any work
     out.mkdir(parents=True, exist_ok=True)
-    stages = [(name, load_stage(name)) for name in cfg.stage_list()]  # refuse before doing any work
+    if cfg.overwrite and is_rank_zero:
+        Manifest(out, cfg.model_path).clear()
+    manifest = Manifest.open(out, cfg.model_path, overwrite=cfg.overwrite and is_rank_zero)
+    hashes = stage_hashes(cfg)
     results = []
     for name, stage in stages:
+        if manifest.is_done(name, hashes[name]):
+            record = manifest.stages[name]
+            _say(is_rank_zero, f"[{name}] finished earlier with the same inputs — kept {', '.join(record['files'])}")
+            results.append((name, StageResult(record["files"], record.get("summary", ""))))
+            continue
         start = time.perf_counter()
         result: StageResult = stage(cfg, out)
         elapsed = time.perf_counter() - start
-        written = ", ".join(Path(f).name for f in result.files) or "nothing"
-        print(f"[{name}] {elapsed:.1f}s  wrote {written}" + (f"  — {result.summary}" if result.summary else ""),
-              flush=True)
+        if is_rank_zero:
+            manifest.record(name, hashes[name], [str(f) for f in result.files], elapsed, result.summary)
+            written = ", ".join(Path(f).name for f in result.files) or "nothing"
+            _say(True, f"[{name}] {elapsed:.1f}s  wrote {written}" + (f"  — {result.summary}" if result.summary
+                                                                       else ""))
         results.append((name, result))
     return results
+
+
+def _say(is_rank_zero: bool, line: str) -> None:
+    if is_rank_zero:
+        print(line, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
