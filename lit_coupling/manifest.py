@@ -28,7 +28,8 @@ DEPENDS_ON = {
 }
 
 # Settings that change how fast a stage runs but not what it computes.
-NOT_AFFECTING_RESULTS = {"batch_size", "num_workers", "progress"}
+NOT_AFFECTING_RESULTS = {"batch_size", "num_workers", "progress", "stats_dir", "keep_shards", "reduce_memory_gb",
+                         "on_edit_error"}
 
 
 def _settings(options: Any) -> dict:
@@ -59,7 +60,8 @@ def model_identity(model_path: str) -> dict:
 
 def stage_settings(name: str, cfg) -> dict:
     """What the outputs of stage `name` depend on, besides the stages it reads."""
-    model = model_identity(cfg.model_path)
+    if name in ("pieces", "gradsim", "ripple"):
+        model = model_identity(cfg.model_path)
     if name == "pieces":
         return {**data_identity(cfg.hotpot_data), **model, "max_samples": cfg.max_samples, "seed": cfg.seed}
     if name == "gradsim":
@@ -71,17 +73,30 @@ def stage_settings(name: str, cfg) -> dict:
     if name == "analysis":
         return {"seed": cfg.seed, "analysis": _settings(cfg.analysis)}
     if name == "report":
-        return {}
+        return {"logger": cfg.logger}
     raise KeyError(name)
 
 
-def stage_hashes(cfg, stages: tuple[str, ...] = tuple(DEPENDS_ON)) -> dict[str, str]:
+def stage_hashes(cfg, running: list[str], recorded: dict[str, dict] | None = None) -> dict[str, str]:
+    """The input hash of each stage in `running` and of everything upstream of it.
+
+    An upstream stage that is not run now stands for what it left on disk: its recorded hash is used, so
+    `--stages analysis,report` on a finished run neither needs nor loads the model.
+    """
+    recorded = recorded or {}
     hashes: dict[str, str] = {}
-    for name in DEPENDS_ON:  # dependency order
-        upstream = {dep: hashes[dep] for dep in DEPENDS_ON[name]}
-        hashes[name] = stable_hash({"stage": name, "version": __version__, "settings": stage_settings(name, cfg),
-                                    "upstream": upstream})
-    return {name: hashes[name] for name in stages}
+
+    def resolve(name: str) -> str:
+        if name not in hashes:
+            if name not in running and "hash" in recorded.get(name, {}):
+                hashes[name] = recorded[name]["hash"]
+            else:
+                upstream = {dep: resolve(dep) for dep in DEPENDS_ON[name]}
+                hashes[name] = stable_hash({"stage": name, "version": __version__,
+                                            "settings": stage_settings(name, cfg), "upstream": upstream})
+        return hashes[name]
+
+    return {name: resolve(name) for name in running}
 
 
 class Manifest:
@@ -89,6 +104,11 @@ class Manifest:
         self.path = Path(out_dir) / MANIFEST
         self.model = model
         self.stages: dict[str, dict] = {}
+
+    @staticmethod
+    def recorded_model(out_dir: Path) -> str | None:
+        path = Path(out_dir) / MANIFEST
+        return read_json(path).get("model") if path.exists() else None
 
     @classmethod
     def open(cls, out_dir: Path, model: str, overwrite: bool = False) -> Manifest:

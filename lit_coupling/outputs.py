@@ -25,6 +25,7 @@ PIECE_HIDDEN = "piece_hidden.npy"  # final hidden state at the last prompt token
 RIPPLE = "ripple_experiments.json"
 RIPPLE_PAIRS = "ripple_pairs.csv"
 CORRELATION = "correlation_analysis.json"
+PAIR_TABLE = "pair_table.csv"  # one row per (edit, piece): GradSim, ripple, baselines (analysis stage)
 HEATMAP = "coupling_heatmap.png"
 COMPREHENSIVE = "comprehensive_analysis.png"
 LAYER_PLOT = "coupling_by_layer.png"
@@ -35,6 +36,10 @@ MANIFEST = "manifest.json"
 MAIN_OUTPUTS = (PIECES, COUPLING_MATRIX, COUPLING_ANALYSIS, RIPPLE, CORRELATION, HEATMAP, COMPREHENSIVE, REPORT)
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,11 +47,15 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+atomic_write = _atomic  # public: for writers that stream their bytes (coupling_layers.npz layer by layer)
 
 
 def _jsonable(value: Any) -> Any:
@@ -62,6 +71,9 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+jsonable = _jsonable  # public: in memory exactly what write_json stores (NaN → None)
 
 
 def write_json(path: str | Path, data: Any, indent: int | None = 1) -> Path:
@@ -98,6 +110,13 @@ def save_figure(path: str | Path, figure, **kwargs) -> Path:
         figure.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
 
     return _atomic(path, write)
+
+
+def save_torch(path: str | Path, obj: Any) -> Path:
+    """torch.save, atomically (tensors and plain containers only, so `torch.load(weights_only=True)` reads it)."""
+    import torch
+
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def read_json(path: str | Path) -> Any:

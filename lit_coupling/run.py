@@ -13,6 +13,7 @@ import importlib
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 from lit_coupling.analysis.options import AnalysisOptions
@@ -20,6 +21,7 @@ from lit_coupling.errors import UserError
 from lit_coupling.editing.options import MemitOptions
 from lit_coupling.gradients.options import GradSimOptions
 
+DEFAULT_MODEL = "tiny-gpt2"
 STAGE_ORDER = ("pieces", "gradsim", "ripple", "analysis", "report")
 
 # Stage name → "module:function". A function takes (RunConfig, output dir) and returns a StageResult.
@@ -52,8 +54,9 @@ class RunConfig:
 
     hotpot_data: str | None = None
     """HotpotQA file (JSON list, JSON Lines, or the hub copy's schema); default: the embedded synthetic world."""
-    model_path: str = "tiny-gpt2"
-    """Hub id (gpt2, meta-llama/Llama-2-7b-hf), local HF directory, or embedded name (tiny-gpt2, tiny-llama)."""
+    model_path: str | None = None
+    """Hub id (gpt2, meta-llama/Llama-2-7b-hf), local HF directory, or embedded name (tiny-gpt2, tiny-llama).
+    Default: the model of the run in --output_dir, else tiny-gpt2."""
     max_samples: int | None = None
     """Use the first N HotpotQA records (all when unset)."""
     max_experiments: int = 10
@@ -76,7 +79,7 @@ class RunConfig:
     """Allow a model repository's own Python code to run (off unless asked)."""
     overwrite: bool = False
     """Start over in an output directory that holds another run."""
-    logger: str = "wandb"
+    logger: Literal["wandb", "csv", "none"] = "wandb"
     """wandb (offline when no API key is set), csv, or none."""
     gradsim: GradSimOptions = field(default_factory=GradSimOptions)
     memit: MemitOptions = field(default_factory=MemitOptions)
@@ -163,6 +166,8 @@ def run(cfg: RunConfig) -> list[tuple[str, StageResult]]:
     from lit_coupling.manifest import Manifest, stage_hashes
 
     is_rank_zero = rank_zero_only.rank == 0
+    if cfg.model_path is None:  # continue the run in --output_dir, or the embedded default
+        cfg.model_path = (cfg.output_dir and Manifest.recorded_model(Path(cfg.output_dir))) or DEFAULT_MODEL
     cfg.output_dir = cfg.output_dir or default_output_dir(cfg.model_path)
     out = Path(cfg.output_dir)
     names = cfg.stage_list()
@@ -171,7 +176,7 @@ def run(cfg: RunConfig) -> list[tuple[str, StageResult]]:
     if cfg.overwrite and is_rank_zero:
         Manifest(out, cfg.model_path).clear()
     manifest = Manifest.open(out, cfg.model_path, overwrite=cfg.overwrite and is_rank_zero)
-    hashes = stage_hashes(cfg)
+    hashes = stage_hashes(cfg, names, manifest.stages)
     results = []
     for name, stage in stages:
         if manifest.is_done(name, hashes[name]):

@@ -96,3 +96,23 @@ def test_runs_of_different_models_do_not_mix(tmp_path, fake_stages):
 def test_default_output_dir_is_per_model():
     assert run_module.default_output_dir("tiny-llama") == "runs/tiny-llama"
     assert run_module.default_output_dir("meta-llama/Llama-2-7b-hf") == "runs/meta-llama_Llama-2-7b-hf"
+
+
+def test_later_stages_on_a_finished_run_need_neither_model_nor_model_path(tmp_path, fake_stages, monkeypatch):
+    run_module.run(config(tmp_path))
+
+    def no_model(model_path):
+        raise AssertionError("the model was resolved")
+
+    monkeypatch.setattr("lit_coupling.manifest.model_identity", no_model)
+    CALLS.clear()
+    cfg = run_module.parse_config(["--stages", "analysis,report", "--output_dir", str(tmp_path / "run"),
+                                   "--analysis.bootstrap", "200"])
+    run_module.run(cfg)
+    assert cfg.model_path == str(tmp_path / "model")  # taken from the run's manifest
+    assert CALLS == ["analysis", "report"]
+
+
+def test_outputs_are_readable_by_others(tmp_path, fake_stages):
+    run_module.run(config(tmp_path))
+    assert (tmp_path / "run" / "pieces.json").stat().st_mode & 0o044 == 0o044
