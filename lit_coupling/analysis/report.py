@@ -1,0 +1,237 @@
+"""`final_mvp_report.md`: model, data, method, the tables of `correlation_analysis.json`, plots, verdict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lit_coupling import outputs
+from lit_coupling.analysis.correlation import PREDICTORS, RIPPLE_LABELS
+
+PLOT_CAPTIONS = {outputs.HEATMAP: "Coupling matrix, chains together",
+                 outputs.COMPREHENSIVE: "Coupling, ripple and their relation (six panels)",
+                 outputs.LAYER_PLOT: "Coupling by layer"}
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | np.integer):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def interval(ci) -> str:
+    return f"[{fmt(ci[0])}, {fmt(ci[1])}]" if ci and ci[0] is not None else "n/a"
+
+
+def p_value(p) -> str:
+    return "n/a" if p is None else (f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}")
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def size_text(parameters) -> str:
+    if not parameters:
+        return "n/a"
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if parameters >= scale:
+            return f"{parameters / scale:.1f}{unit} parameters ({parameters:,})"
+    return f"{parameters} parameters"
+
+
+def _model_section(ctx: dict) -> str:
+    layers = ctx.get("layers")
+    layers_text = ", ".join(map(str, layers)) if isinstance(layers, list) else fmt(layers)
+    return "## Model\n\n" + table(["", ""], [
+        ["name", ctx.get("model_name")], ["family", fmt(ctx.get("family"))],
+        ["size", size_text(ctx.get("parameters"))],
+        ["layers", f"{fmt(ctx.get('num_layers'))} in the model; GradSim over {layers_text}"],
+        ["dtype", fmt(ctx.get("dtype"))]])
+
+
+def _data_section(ctx: dict) -> str:
+    rows = [["source", f"{fmt(ctx.get('source_kind'))} ({fmt(ctx.get('source_path'))})"],
+            ["records", fmt(ctx.get("records"))], ["pieces", fmt(ctx.get("pieces"))]]
+    rows += [[f"pieces: {kind}", fmt(count)] for kind, count in ctx.get("pieces_by_kind", {}).items()]
+    text = "## Data\n\n" + table(["", ""], rows)
+    skipped = ctx.get("skipped_by_reason") or {}
+    if not skipped:
+        return text + "\n\nNothing was skipped."
+    return (text + "\n\nSkipped (a record or piece that cannot give a clean cloze is left out, with its "
+            "reason):\n\n" + table(["reason", "count"], [[reason, fmt(n)] for reason, n in skipped.items()]))
+
+
+def _method_section(ctx: dict, result: dict) -> str:
+    method = ctx.get("gradsim_method") or {}
+    gradsim_rows = [[key, fmt(value)] for key, value in method.items() if not isinstance(value, dict | list)]
+    parts = ["## Method",
+             "**GradSim**: cosine of the gradients of log P(answer | prompt) (every answer token) with "
+             "respect to the MLP output projections of the chosen layers, on the pre-edit model.",
+             table(["setting", "value"], gradsim_rows or [["mode", fmt(ctx.get("gradsim_mode"))]]),
+             "**MEMIT**: one real edit per source piece (its answer changed to a counterfactual); every "
+             "other piece rescored; weights restored bit for bit between edits."]
+    hparams = ctx.get("memit_hparams") or {}
+    # As written in the run (0.0625 stays 0.0625), lists as comma-separated values.
+    rows = [[k, ", ".join(map(str, v)) if isinstance(v, list) else str(v)] for k, v in hparams.items()]
+    parts.append(table(["hyperparameter", "value"], rows) if rows else "(no hyperparameters recorded)")
+    covariance = ctx.get("covariance") or {}
+    if covariance:  # nested entries (per-layer details, cache paths) stay in ripple_experiments.json
+        items = [f"{k} {', '.join(map(str, v)) if isinstance(v, dict | list) else fmt(v)}"
+                 for k, v in covariance.items()]
+        parts.append("Key covariance statistics: " + ", ".join(items) + ".")
+    efficacy = ctx.get("efficacy") or {}
+    skipped = ctx.get("edits_skipped") or {}
+    edits = (f"Edits: {fmt(ctx.get('edits_total'))} attempted, {fmt(efficacy.get('ok'))} finished, "
+             f"{fmt(efficacy.get('success'))} succeeded (efficacy: P(new) > P(true) on the edit prompt)")
+    parts.append(edits + (": not finished: " + ", ".join(f"{reason} ×{n}" for reason, n in skipped.items())
+                          if skipped else "") + ".")
+    s = result["settings"]
+    parts.append(f"**Analysis**: ripple = {RIPPLE_LABELS[s['ripple']]}; {s['confidence']:.0%} intervals "
+                 f"from {s['bootstrap']} cluster-bootstrap resamples over edits; within-edit permutation "
+                 f"test with {s['permutations']} permutations; seed {s['seed']}.")
+    return "\n\n".join(parts)
+
+
+def _correlation_rows(entry: dict) -> list[list]:
+    rows = []
+    for name, label in (("spearman", "Spearman ρ"), ("pearson", "Pearson r"), ("kendall", "Kendall τ")):
+        stat = entry.get(name) or {}
+        rows.append([label, fmt(stat.get("value")), interval(stat.get("ci")), p_value(stat.get("p"))])
+    return rows
+
+
+def _headline_section(result: dict) -> str:
+    h, counts = result["headline"], result["counts"]
+    permutation = h["permutation"]
+    text = (f"## Results\n\n{counts['pairs']} (edit, piece) pairs from {counts['edits']} edits over "
+            f"{fmt(counts.get('pieces'))} pieces.\n\n### GradSim vs ripple ({RIPPLE_LABELS[h['ripple']]})\n\n"
+            + table(["statistic", "value", "95% CI (edits resampled)", "p (pairs independent)"],
+                    _correlation_rows(h))
+            + f"\n\nWithin-edit permutation test (Spearman, {permutation['n_permutations']} permutations): "
+              f"p = {p_value(permutation['p'])} (two-sided), {p_value(permutation['p_greater'])} "
+              "(one-sided, positive).")
+    others = result.get("ripple_metrics") or {}
+    rows = [[RIPPLE_LABELS[metric], fmt(e["spearman"]["value"]), interval(e["spearman"].get("ci")),
+             fmt(e["pearson"]["value"]), interval(e["pearson"].get("ci")), fmt(e["kendall"]["value"]),
+             fmt(e["n"])] for metric, e in others.items() if e.get("spearman")]
+    if rows:
+        text += "\n\n### Other ripple metrics\n\n" + table(
+            ["ripple", "Spearman", "CI", "Pearson", "CI", "Kendall", "pairs"], rows)
+    return text
+
+
+def _per_edit_section(result: dict) -> str:
+    per_edit = result["per_edit"]
+    rows = [[fmt(e["edit_id"]), e["source_piece"], e["source_kind"], fmt(e["n"]), fmt(e["spearman"]),
+             p_value(e["p"]), fmt(e["edit_success"]), fmt(e["mean_gradsim"]), fmt(e["mean_ripple"])]
+            for e in per_edit["edits"]]
+    text = "### Per edit\n\n" + table(["edit", "source piece", "kind", "pairs", "Spearman", "p",
+                                        "edit succeeded", "mean GradSim", "mean ripple"], rows)
+    s = per_edit["summary"]
+    if s.get("n"):
+        text += (f"\n\nPer-edit ρ: median {fmt(s['median'])} (IQR {fmt(s['q1'])} to {fmt(s['q3'])}), "
+                 f"positive in {s['positive']} of {s['n']} edits; sign test p = {p_value(s['sign_test_p'])}, "
+                 f"Wilcoxon p = {p_value(s['wilcoxon_p'])} (edits as units).")
+    return text
+
+
+def _strata_section(result: dict) -> str:
+    strata = result["strata"]
+    entries = [("chain", name, strata["chain"][name]) for name in ("same chain", "other chains")]
+    entries += [("hop relation", name, entry) for name, entry in strata["hop_relation"].items()]
+    if "successful_edits" in strata:
+        entries.append(("edits", "successful only", strata["successful_edits"]))
+    rows = []
+    for group, name, entry in entries:
+        spearman = entry.get("spearman") or {}
+        rows.append([group, name, fmt(entry["n"]), fmt(entry["edits"]), fmt(entry["mean_gradsim"]),
+                     fmt(entry["median_ripple"]), fmt(spearman.get("value")), interval(spearman.get("ci"))])
+    mw = strata["chain"]["same_vs_other_ripple"]
+    return ("### Strata\n\n" + table(["stratum", "", "pairs", "edits", "mean GradSim", "median ripple",
+                                      "Spearman", "CI"], rows)
+            + f"\n\nSame chain vs other chains, ripple: Cliff's δ = {fmt(mw.get('cliffs_delta'))}, "
+              f"Mann–Whitney p = {p_value(mw.get('p'))}. Strata with fewer than "
+              f"{result['settings']['min_stratum_pairs']} pairs get no correlation.")
+
+
+def _groups_section(result: dict) -> str:
+    g = result["coupling_groups"]
+    medians = g.get("median") or [None, None]
+    return ("### High vs low coupling\n\n" + table(
+        ["group", "GradSim", "pairs", "median ripple"],
+        [["top quartile", f"≥ {fmt(g['top_min_gradsim'])}", fmt(g["n"][0]), fmt(medians[0])],
+         ["bottom quartile", f"≤ {fmt(g['bottom_max_gradsim'])}", fmt(g["n"][1]), fmt(medians[1])]])
+        + f"\n\nMann–Whitney U = {fmt(g.get('u'))}, p = {p_value(g.get('p'))}; Cliff's δ = "
+          f"{fmt(g.get('cliffs_delta'))} {interval(g.get('cliffs_delta_ci'))}; P(a top pair ripples more "
+          f"than a bottom pair) = {fmt(g.get('prob_superiority'))}.")
+
+
+def _partial_section(result: dict) -> str:
+    partial = result["partial"]
+    return ("### Controlling for the piece's baseline confidence\n\nPartial Spearman of GradSim and ripple "
+            f"given the piece's baseline log P: {fmt(partial.get('value'))} {interval(partial.get('ci'))}, "
+            f"p = {p_value(partial.get('p'))} (baseline log P alone vs ripple: Spearman "
+            f"{fmt(partial.get('spearman_ripple_vs_control'))}).")
+
+
+def _predictors_section(result: dict) -> str:
+    predictors = result["predictors"]
+    rows = [[entry["label"], fmt(entry["spearman"]), interval(entry["spearman_ci"]), fmt(entry["auroc"]),
+             interval(entry["auroc_ci"])] if entry.get("available") else [entry["label"], "not available", "",
+                                                                          "", ""]
+            for entry in predictors["table"].values()]
+    text = (f"### GradSim vs baselines\n\nAUROC for \"ripple above {fmt(predictors['threshold'])}\" "
+            f"({predictors['positive_pairs']} positive pairs).\n\n"
+            + table(["predictor", "Spearman", "CI", "AUROC", "CI"], rows))
+    diffs = [[PREDICTORS[name], fmt(d["spearman"]), interval(d["spearman_ci"]), fmt(d["auroc"]),
+              interval(d["auroc_ci"])] for name, d in predictors["gradsim_minus_baseline"].items()]
+    if diffs:
+        text += "\n\nGradSim minus baseline (same resamples):\n\n" + table(
+            ["baseline", "Δ Spearman", "CI", "Δ AUROC", "CI"], diffs)
+    return text
+
+
+def _layer_section(result: dict) -> str:
+    rows = [[row["layer"], fmt(row["mean_gradsim"]), fmt(row.get("mean_gradsim_same_chain")),
+             fmt(row.get("mean_gradsim_other_chains")), fmt(row["spearman"])] for row in result["by_layer"]]
+    return "### By layer\n\n" + table(["layer", "mean GradSim", "same chain", "other chains",
+                                       "Spearman with ripple"], rows)
+
+
+def render_report(ctx: dict, result: dict, plots: list[str]) -> str:
+    verdict = result["verdict"]
+    parts = [f"# Does GradSim predict MEMIT ripple? {ctx.get('model_name')}",
+             f"**Verdict: {verdict['conclusion']}** ({verdict['strength']} association). {verdict['text']}",
+             _model_section(ctx), _data_section(ctx), _method_section(ctx, result)]
+    if "headline" in result:
+        parts += [_headline_section(result), _per_edit_section(result), _strata_section(result),
+                  _groups_section(result), _partial_section(result), _predictors_section(result)]
+        if result.get("by_layer"):
+            parts.append(_layer_section(result))
+    if plots:
+        parts.append("## Plots\n\n" + "\n\n".join(f"![{PLOT_CAPTIONS.get(p, p)}]({p})" for p in plots))
+    parts.append("## Verdict\n\n" + verdict["text"])
+    parts.append("## Limitations\n\n" + "\n".join(f"- {c}" for c in verdict["caveats"]))
+    files = (outputs.PIECES, outputs.COUPLING_MATRIX, outputs.COUPLING_ANALYSIS, outputs.RIPPLE,
+             outputs.PAIR_TABLE, outputs.CORRELATION)
+    parts.append("## Files\n\n" + "\n".join(f"- `{name}`" for name in files)
+                 + "\n\nEvery number above is in `correlation_analysis.json`, recomputable from "
+                   "`coupling_matrix.npy` and `ripple_experiments.json` (its `definitions` section spells "
+                   "out the pairs and each statistic).")
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(path: Path, ctx: dict, result: dict, plots: list[str]) -> Path:
+    return outputs.write_text(path, render_report(ctx, result, plots))

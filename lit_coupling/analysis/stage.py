@@ -1,0 +1,131 @@
+"""The analysis and report stages of `lit-coupling run`, on a run directory the earlier stages filled.
+
+analysis: pair table + every statistic → `pair_table.csv`, `correlation_analysis.json`.
+report: plots, `final_mvp_report.md`, and the same numbers, tables and images to the chosen logger.
+Under DDP every rank runs the command; only global rank 0 does this work (it reads files, it needs no GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from lit_coupling import loggers, outputs
+from lit_coupling.analysis.correlation import correlation_analysis, correlation_rows
+from lit_coupling.analysis.options import AnalysisOptions
+from lit_coupling.analysis.pairs import RunData, describe_run, load_run, pair_table, usable_experiments
+from lit_coupling.analysis.report import write_report
+from lit_coupling.errors import UserError
+from lit_coupling.run import StageResult
+
+# The inputs whose hashes go into correlation_analysis.json, when the run has them.
+HASHED_INPUTS = (outputs.PIECES, outputs.COUPLING_MATRIX, outputs.RIPPLE, outputs.PIECE_HIDDEN,
+                 outputs.COUPLING_LAYERS)
+
+
+def _is_rank_zero() -> bool:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0
+
+
+def analyse_run(run: RunData, options: AnalysisOptions, seed: int) -> tuple[pd.DataFrame, dict]:
+    """(pair table, the content of correlation_analysis.json — JSON-ready, NaN as None) for one run."""
+    table = pair_table(run)
+    result = correlation_analysis(table, options, seed, layers=run.layers,
+                                  chain_ids=[p.chain_id for p in run.pieces], context=describe_run(run))
+    result["model"] = run.model
+    # Which files these numbers come from, so a reader can check they recompute from the same bytes.
+    result["inputs"] = {name: outputs.sha256_file(run.directory / name) for name in HASHED_INPUTS
+                        if (run.directory / name).exists()}
+    return table, outputs.jsonable(result)
+
+
+def headline_text(result: dict) -> str:
+    conclusion = result.get("verdict", {}).get("conclusion", "")
+    spearman = result.get("headline", {}).get("spearman", {})
+    if spearman.get("value") is None:
+        return conclusion
+    ci = spearman.get("ci") or [None, None]
+    ci_text = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci[0] is not None else ""
+    p = result["headline"]["permutation"]["p"]
+    return f"Spearman ρ = {spearman['value']:.3f}{ci_text}, permutation p = {p:.3g}: {conclusion}"
+
+
+def analysis_stage(cfg, out_dir: Path) -> StageResult:
+    if not _is_rank_zero():
+        return StageResult([], "rank > 0: the analysis runs on global rank 0")
+    out_dir = Path(out_dir)
+    table, result = analyse_run(load_run(out_dir), cfg.analysis, cfg.seed)
+    files = [outputs.write_text(out_dir / outputs.PAIR_TABLE, table.to_csv(index=False)),
+             outputs.write_json(out_dir / outputs.CORRELATION, result)]
+    return StageResult([str(f) for f in files], headline_text(result))
+
+
+def write_plots(run: RunData, table: pd.DataFrame, result: dict, out_dir: Path, name: str) -> list[Path]:
+    from lit_coupling.analysis import plots
+
+    figures = {outputs.HEATMAP: plots.coupling_heatmap(run.coupling, run.pieces, f"GradSim coupling, {name}")}
+    if "headline" in result:
+        figures[outputs.COMPREHENSIVE] = plots.comprehensive_figure(table, run.coupling, run.pieces, result,
+                                                                    name)
+    if result.get("by_layer"):
+        edit_layers = [int(layer) for layer in (run.ripple.get("hparams") or {}).get("layers") or []]
+        figures[outputs.LAYER_PLOT] = plots.layer_figure(
+            result["by_layer"], result["headline"]["spearman"]["value"], edit_layers, name)
+    return [outputs.save_figure(out_dir / file, figure, dpi=120) for file, figure in figures.items()]
+
+
+def pieces_frame(run: RunData) -> pd.DataFrame:
+    """The pieces without their token ids, with their pre-edit log P."""
+    frame = pd.DataFrame([p.to_dict() for p in run.pieces])
+    frame = frame.drop(columns=["prompt_ids", "answer_ids", "links"])
+    experiments, _ = usable_experiments(run.ripple, len(run.pieces))
+    if experiments:  # the same pre-edit scores in every edit (weights restored between edits)
+        frame["logp_before"] = experiments[0]["pieces"]["logp_before"]
+    return frame
+
+
+def report_stage(cfg, out_dir: Path) -> StageResult:
+    if not _is_rank_zero():
+        return StageResult([], "rank > 0: the report is written on global rank 0")
+    out_dir = Path(out_dir)
+    if not (out_dir / outputs.CORRELATION).exists():
+        raise UserError(f"{out_dir / outputs.CORRELATION} is missing: run the analysis stage first "
+                        f"(lit-coupling run --stages analysis,report --output_dir {out_dir})")
+    run = load_run(out_dir)
+    result = outputs.read_json(out_dir / outputs.CORRELATION)
+    table = pair_table(run)
+    context = describe_run(run)
+    figures = write_plots(run, table, result, out_dir, context["model_name"])
+    report = write_report(out_dir / outputs.REPORT, context, result, [f.name for f in figures])
+    logged = log_run(cfg, run, context, table, result, figures, report)
+    return StageResult([str(f) for f in [*figures, report]], "; ".join(logged) or f"logger: {cfg.logger}")
+
+
+def log_run(cfg, run: RunData, context: dict, table: pd.DataFrame, result: dict, figures: list[Path],
+            report: Path) -> list[str]:
+    """The run's settings, numbers, tables, plots and key files to W&B or CSV (`--logger`)."""
+    name = f"{context['model_name']}-{run.directory.name}"
+    logger = loggers.build_logger(cfg.logger, run.directory, name)
+    if logger is None:
+        return []
+    try:
+        hyperparameters = {**asdict(cfg), "model": run.model, "gradsim_method": context["gradsim_method"],
+                           "memit_hparams": context["memit_hparams"]}
+        metrics = loggers.flatten_numbers(result, skip=("settings", "definitions", "inputs", "model"))
+        verdict = result.get("verdict", {})
+        texts = {"verdict": verdict.get("conclusion", ""), "verdict_text": verdict.get("text", ""),
+                 "caveats": "\n".join(verdict.get("caveats", []))}
+        tables = {"pieces": pieces_frame(run), "pair_table": table, "correlations": correlation_rows(result)}
+        images = {f.stem: f for f in figures}
+        files = {"coupling": (outputs.COUPLING_MATRIX, outputs.COUPLING_LAYERS),
+                 "report": (report.name, outputs.CORRELATION, outputs.PAIR_TABLE)}
+        artifacts = {kind: [run.directory / name for name in names if (run.directory / name).exists()]
+                     for kind, names in files.items()}
+        return loggers.log_results(logger, hyperparameters=hyperparameters, metrics=metrics, texts=texts,
+                                   tables=tables, images=images, artifacts=artifacts)
+    finally:
+        loggers.finish(logger)
