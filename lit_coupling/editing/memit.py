@@ -1,0 +1,425 @@
+"""MEMIT (Meng et al., ICLR 2023) as published: target vectors, keys, residual spread, the least-squares
+update.
+
+Functions of a model, its adapter and tensors; nothing here knows about Lightning. `apply_memit` edits the
+weights in
+place — the caller snapshots and restores them (`lit_coupling.editing.snapshot`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lit_coupling.editing.hparams import MemitHparams
+from lit_coupling.editing.requests import EditRequest, TokenizedPrompt, kl_prompt, request_prompts
+from lit_coupling.models.adapters import ModelAdapter
+from lit_coupling.scoring import collate_clozes
+
+PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")  # the public implementation's prefix openings
+
+
+class EditError(RuntimeError):
+    """An edit could not be computed (a non-finite target vector or update)."""
+
+
+# --- the closed-form update
+# ---------------------------------------------------------------------------------------
+
+
+class CovarianceSolver:
+    """Solves (λC + K Kᵀ)⁻¹ K for one layer's key covariance C, in float64.
+
+    C's Cholesky factor is computed once and reused by every edit: with Woodbury,
+    (λC + KKᵀ)⁻¹K = (λC)⁻¹K (I + Kᵀ(λC)⁻¹K)⁻¹, which costs O(d²n) per edit instead of a fresh O(d³) solve.
+    A C that is not positive definite (fewer corpus tokens than key dimensions) falls back to the direct
+    solve.
+    """
+
+    def __init__(self, cov: torch.Tensor):
+        self.cov = cov.to(torch.float64)
+        self._chol: torch.Tensor | None = None
+        self._factored = False
+
+    def _cholesky(self) -> torch.Tensor | None:
+        if not self._factored:
+            chol, info = torch.linalg.cholesky_ex(self.cov)
+            self._chol = chol if int(info) == 0 else None
+            self._factored = True
+        return self._chol
+
+    def adjusted_keys(self, keys: torch.Tensor, lam: float) -> torch.Tensor:
+        """(λC + KKᵀ)⁻¹K for keys K of shape (d_in, n)."""
+        keys = keys.to(device=self.cov.device, dtype=torch.float64)
+        chol = self._cholesky()
+        if chol is not None:
+            a_inv_k = torch.cholesky_solve(keys, chol) / lam
+            small = torch.eye(keys.shape[1], dtype=torch.float64, device=keys.device) + keys.T @ a_inv_k
+            adjusted = torch.linalg.solve(small, a_inv_k.T).T  # small is symmetric
+            # A nearly singular C factorises but loses digits: keep the result only if it solves the system.
+            error = (lam * (self.cov @ adjusted) + keys @ (keys.T @ adjusted) - keys).norm()
+            if error <= 1e-9 * keys.norm():
+                return adjusted
+        return torch.linalg.solve(lam * self.cov + keys @ keys.T, keys)
+
+
+def closed_form_update(
+    residuals: torch.Tensor, keys: torch.Tensor, solver: CovarianceSolver, lam: float
+) -> torch.Tensor:
+    """ΔW = R [(λC + KKᵀ)⁻¹K]ᵀ, (out, in) orientation, float64; R: (d_out, n) residuals, K: (d_in, n) keys."""
+    adjusted = solver.adjusted_keys(keys, lam)
+    return residuals.to(adjusted) @ adjusted.T
+
+
+# --- running the model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptBatch:
+    input_ids: torch.Tensor  # (B, T) right-padded
+    attention_mask: torch.Tensor
+    answer_mask: torch.Tensor  # answer positions (the tokens to predict)
+    subject_index: torch.Tensor  # (B,) the subject's last token
+
+    @classmethod
+    def of(
+        cls, prompts: Sequence[TokenizedPrompt], pad_id: int, device: torch.device | str = "cpu"
+    ) -> PromptBatch:
+        batch = collate_clozes([(p.prompt_ids, p.answer_ids) for p in prompts], pad_id)
+        return cls(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["answer_mask"].to(device),
+            torch.tensor([p.subject_index for p in prompts], device=device),
+        )
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return torch.arange(self.input_ids.shape[0], device=self.input_ids.device)
+
+
+class _StopForward(Exception):
+    """Raised from a hook once everything needed is captured: the later layers and the LM head never run."""
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def capture_at_subject(
+    adapter: ModelAdapter, batch: PromptBatch, key_layers: Sequence[int], hidden_layer: int
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Keys (inputs of the MLP output projections) at `key_layers` and block `hidden_layer`'s output, at the
+    subject.
+
+    Only the blocks up to `hidden_layer` run. Returns ({layer: (B, d_in) float32}, (B, d_model) float32).
+    """
+    rows, cols = batch.rows, batch.subject_index
+    keys: dict[int, torch.Tensor] = {}
+    found: dict[str, torch.Tensor] = {}
+
+    def key_hook(layer):
+        def hook(_module, args):
+            keys[layer] = args[0][rows, cols].float()
+
+        return hook
+
+    def block_hook(_module, _args, output):
+        found["h"] = _hidden(output)[rows, cols].float()
+        raise _StopForward
+
+    handles = [
+        adapter.target(layer).module.register_forward_pre_hook(key_hook(layer)) for layer in key_layers
+    ]
+    handles.append(adapter.blocks[hidden_layer].register_forward_hook(block_hook))
+    try:
+        adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "h" not in found:
+        raise EditError(f"block {hidden_layer} did not run")
+    return keys, found["h"]
+
+
+class ResidualEditor:
+    """Logits at chosen positions when δ is added to block `layer`'s output at each row's subject token.
+
+    Block `layer`'s output and the arguments of every later block are captured in one full forward; each
+    optimisation step then runs only the later blocks, the final norm and the LM head at the needed positions.
+    If that shortcut does not reproduce the full model (a family with extra output scaling), every step runs
+    the
+    full model with a hook instead.
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        batch: PromptBatch,
+        layer: int,
+        positions: tuple[torch.Tensor, torch.Tensor],
+    ):
+        self.adapter, self.batch, self.layer, self.positions = adapter, batch, layer, positions
+        model = adapter.model
+        later = list(adapter.blocks)[layer + 1 :]
+        calls: list[tuple[tuple, dict]] = []
+        captured: dict[str, torch.Tensor] = {}
+
+        def pre_hook(_module, args, kwargs):
+            calls.append((args, kwargs))
+
+        def out_hook(_module, _args, output):
+            captured["h"] = _hidden(output).detach()
+
+        handles = [b.register_forward_pre_hook(pre_hook, with_kwargs=True) for b in later]
+        handles.append(adapter.blocks[layer].register_forward_hook(out_hook))
+        try:
+            with torch.no_grad():
+                full = model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                ).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.hidden = captured["h"]  # (B, T, d): block `layer`'s output, the residual stream δ is added to
+        self.calls = calls
+        self.head, self.norm = model.get_output_embeddings(), adapter.final_norm
+        self.shortcut = self.head is not None and self.norm is not None and len(calls) == len(later)
+        if self.shortcut:
+            with torch.no_grad():
+                got = self._shortcut_logits(torch.zeros(self.hidden.shape[-1], device=self.hidden.device))
+            want = full[positions].float()
+            tol = 1e-3 if self.hidden.dtype in (torch.float32, torch.float64) else 5e-2  # bf16 rounds more
+            scale = max(1.0, want.abs().max().item())
+            self.shortcut = bool(torch.allclose(got.float(), want, rtol=tol, atol=tol * scale))
+
+    def _add(self, hidden: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        rows, cols = self.batch.rows, self.batch.subject_index
+        return hidden.index_put((rows, cols), delta.to(hidden.dtype).expand(len(rows), -1), accumulate=True)
+
+    def _shortcut_logits(self, delta: torch.Tensor) -> torch.Tensor:
+        h = self._add(self.hidden, delta)
+        for block, (args, kwargs) in zip(list(self.adapter.blocks)[self.layer + 1 :], self.calls):
+            if args:
+                h = _hidden(block(h, *args[1:], **kwargs))
+            else:
+                h = _hidden(block(**{**kwargs, "hidden_states": h}))
+        return self.head(self.norm(h[self.positions]))
+
+    def _full_logits(self, delta: torch.Tensor) -> torch.Tensor:
+        def hook(_module, _args, output):
+            if isinstance(output, tuple):
+                return (self._add(output[0], delta), *output[1:])
+            return self._add(output, delta)
+
+        handle = self.adapter.blocks[self.layer].register_forward_hook(hook)
+        try:
+            logits = self.adapter.model(
+                input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask, use_cache=False
+            ).logits
+        finally:
+            handle.remove()
+        return logits[self.positions]
+
+    def logits(self, delta: torch.Tensor) -> torch.Tensor:
+        """(K, V) logits at `positions` with δ added."""
+        return self._shortcut_logits(delta) if self.shortcut else self._full_logits(delta)
+
+
+# --- target vectors
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetVector:
+    z: (
+        torch.Tensor
+    )  # (d_model,) float32: the hidden state at the last edit layer that makes the model say the target
+    h_norm: float  # ‖h‖ of the hidden state before the edit
+    delta_norm: float
+    steps: int  # forward passes run
+    nll: float  # mean target NLL per token at the last step
+    shortcut: bool  # whether the later-layers-only forward was used
+
+
+def optimise_target(
+    adapter: ModelAdapter,
+    rewrite: Sequence[TokenizedPrompt],
+    kl: TokenizedPrompt,
+    hp: MemitHparams,
+    pad_id: int,
+) -> TargetVector:
+    """Find δ at the last edit layer so the model outputs the new answer after every prefixed prompt.
+
+    Loss = mean over prompts of the per-token target NLL + kl_factor · KL(p ‖ p₀) on "{subject} is a"
+    + v_weight_decay · ‖δ‖/‖h‖²; Adam with lr v_lr; ‖δ‖ clamped to clamp_norm_factor · ‖h‖; stops early below
+    early_stop_loss. `rewrite[0]` is the bare prompt: h is read there, as in the public implementation.
+    """
+    layer = hp.layers[-1]
+    device = _device(adapter.model)
+    batch = PromptBatch.of([*rewrite, kl], pad_id, device)
+    n_rewrite = len(rewrite)
+    target_mask = batch.answer_mask[:n_rewrite, 1:]  # logits at t−1 predict the token at t
+    t_rows, t_cols = target_mask.nonzero(as_tuple=True)
+    targets = batch.input_ids[:n_rewrite, 1:][t_rows, t_cols]
+    kl_row = torch.tensor([n_rewrite], device=device)
+    rows = torch.cat([t_rows, kl_row])
+    cols = torch.cat([t_cols, batch.subject_index[n_rewrite:]])
+    editor = ResidualEditor(adapter, batch, layer, (rows, cols))
+    h0 = editor.hidden[0, batch.subject_index[0]].float()
+    h_norm = h0.norm()
+    tokens_per_row = target_mask.sum(1).float()
+
+    delta = torch.zeros_like(h0, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
+    kl_init: torch.Tensor | None = None
+    nll = torch.tensor(float("nan"))
+    steps = 0
+    with torch.enable_grad():
+        for step in range(hp.v_num_grad_steps):
+            steps = step + 1
+            logits = editor.logits(delta).float()
+            log_probs = torch.log_softmax(logits[: len(t_rows)], dim=-1)
+            token_logp = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+            per_row = torch.zeros(n_rewrite, device=device).index_add(0, t_rows, token_logp)
+            nll = -(per_row / tokens_per_row).mean()
+            kl_logp = torch.log_softmax(logits[len(t_rows) :], dim=-1)
+            if kl_init is None:
+                kl_init = kl_logp.detach()
+            kl_loss = hp.kl_factor * torch.nn.functional.kl_div(
+                kl_init, kl_logp, log_target=True, reduction="batchmean"
+            )
+            decay = hp.v_weight_decay * delta.norm() / h_norm**2
+            loss = nll + kl_loss + decay
+            if loss.item() < hp.early_stop_loss or step == hp.v_num_grad_steps - 1:
+                break
+            # Only δ's gradient: whatever the caller's requires_grad, no weight gradient is
+            # computed or stored.
+            (delta.grad,) = torch.autograd.grad(loss, [delta])
+            optimiser.step()
+            with torch.no_grad():
+                max_norm = hp.clamp_norm_factor * h_norm
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    z = (h0 + delta).detach()
+    if not torch.isfinite(z).all():
+        raise EditError("the target vector is not finite")
+    return TargetVector(z, h_norm.item(), delta.detach().norm().item(), steps, nll.item(), editor.shortcut)
+
+
+# --- context prefixes
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_prefixes(
+    model: nn.Module, tokenizer, bos_ids: Sequence[int], count: int = 5, length: int = 10, seed: int = 0
+) -> list[str]:
+    """Short texts the model writes itself (top-5 sampling, seeded on the CPU), each closed with ". ".
+
+    The same seed gives the same prefixes on any device and in any process.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = _device(model)
+    # transformers 5 names the KV cache argument `cache`; older versions `past_key_values`
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    prefixes = []
+    for i in range(count):
+        start = tokenizer.encode(PREFIX_STARTS[i % len(PREFIX_STARTS)], add_special_tokens=False)
+        ids = list(bos_ids) + start
+        past, fresh = None, ids
+        for _ in range(max(0, length - len(start))):
+            out = model(input_ids=torch.tensor([fresh], device=device), use_cache=True, **{cache_kw: past})
+            past = out.cache if cache_kw == "cache" else out.past_key_values
+            logits = out.logits[0, -1]
+            top = torch.topk(logits.float().cpu(), 5)
+            token = int(top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)])
+            if token == tokenizer.eos_token_id:
+                break
+            ids.append(token)
+            fresh = [token]
+        text = tokenizer.decode(ids[len(bos_ids) :], skip_special_tokens=True)
+        prefixes.append(text.replace("{", " ").replace("}", " ").strip() + ". ")
+    return prefixes
+
+
+# --- the edit
+# -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EditResult:
+    targets: list[TargetVector]
+    delta_norms: dict[int, float]  # ‖ΔW_l‖_F per edit layer
+    residual_norms: dict[int, float]  # mean ‖z − h‖ remaining before each layer's update
+    time_targets_s: float
+    time_updates_s: float
+    extra: dict = field(default_factory=dict)
+
+
+def _mean_keys(keys: torch.Tensor, n_requests: int, n_prompts: int) -> torch.Tensor:
+    """(n_requests·n_prompts, d) → (d, n_requests): the bare prompt and the generated prefixes weigh half
+    each."""
+    keys = keys.view(n_requests, n_prompts, -1)
+    if n_prompts == 1:
+        return keys[:, 0].T
+    return ((keys[:, 0] + keys[:, 1:].mean(1)) / 2).T
+
+
+def apply_memit(
+    adapter: ModelAdapter,
+    tokenizer,
+    requests: Sequence[EditRequest],
+    hp: MemitHparams,
+    solvers: dict[int, CovarianceSolver],
+    prefixes: Sequence[str],
+    bos_ids: Sequence[int],
+    pad_id: int,
+    on_layer: Callable[[int], None] | None = None,
+) -> EditResult:
+    """Edit every request at once: targets at the last edit layer, then the update of each layer in turn.
+
+    `on_layer(layer)` is called before each layer's update (tests use it to fail half way).
+    """
+    device = _device(adapter.model)
+    contexts = ["", *prefixes]
+    start = time.perf_counter()
+    prompts = [request_prompts(tokenizer, r, contexts, bos_ids) for r in requests]
+    targets = [
+        optimise_target(adapter, p, kl_prompt(tokenizer, r.subject, bos_ids), hp, pad_id)
+        for r, p in zip(requests, prompts)
+    ]
+    t_targets = time.perf_counter() - start
+    z = torch.stack([t.z for t in targets], dim=1)  # (d_model, n)
+    batch = PromptBatch.of([p for per_request in prompts for p in per_request], pad_id, device)
+    bare = torch.arange(len(requests), device=device) * len(contexts)
+    last = hp.layers[-1]
+    delta_norms, residual_norms = {}, {}
+    for i, layer in enumerate(hp.layers):
+        keys, hidden = capture_at_subject(adapter, batch, [layer], last)
+        k = _mean_keys(keys[layer], len(requests), len(contexts))
+        residual = z - hidden[bare].T  # re-measured: earlier layers' updates already moved it
+        residual_norms[layer] = residual.norm(dim=0).mean().item()
+        if on_layer is not None:
+            on_layer(layer)
+        update = closed_form_update(residual / (len(hp.layers) - i), k, solvers[layer], hp.mom2_update_weight)
+        if not torch.isfinite(update).all():
+            raise EditError(f"the update of layer {layer} is not finite")
+        adapter.target(layer).add_(update)
+        delta_norms[layer] = update.norm().item()
+    return EditResult(
+        targets, delta_norms, residual_norms, t_targets, time.perf_counter() - start - t_targets
+    )
