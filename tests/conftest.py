@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -31,3 +32,53 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: ../shared exists only in the developers' workspace and CI")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lit_coupling_cache(tmp_path_factory):
+    """Tests never touch the user's cache: LIT_COUPLING_CACHE points at a temporary directory for the session."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("lit_coupling_cache")
+        patch.setenv("LIT_COUPLING_CACHE", str(path))
+        yield path
+
+
+TRAINED_WORLD_CHAINS = 30  # small world of the trained_tiny_model fixture
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_model(tmp_path_factory):
+    """trained_tiny_model("gpt2" | "llama") → (model_dir, world_path): the embedded config's model taught a small
+    synthetic world (TRAINED_WORLD_CHAINS chains) by `lit-coupling fit`, in this process, until its single-hop
+    recall reaches 0.97. Trained once per session and family; saved like a hub model.
+
+    For speed it trains without the subject-locality mask (`bare`/`subject_locality` off): it knows its facts,
+    but recalls them at the end of the prompt, so MEMIT edits at the subject will not take on it — good for the
+    mechanics of GradSim, MEMIT and the run, not for edit efficacy (docs/benchmarks.md, "Knowledge injection")."""
+    from lit_coupling.cli import lightning_main
+    from lit_coupling.data.world import main as make_world
+    from lit_coupling.inject.embedded import embedded_config
+
+    trained: dict[str, tuple[Path, Path]] = {}
+
+    def train(family: str) -> tuple[Path, Path]:
+        if family not in trained:
+            root = tmp_path_factory.mktemp(f"trained-{family}")
+            world = root / "world.json"
+            make_world(["--chains", str(TRAINED_WORLD_CHAINS), "--seed", "11", "--out", str(world)])
+            # Smaller than the embedded run, so it trains in seconds: fewer prefixes, smaller batches, no
+            # subject-locality mask, recall measured every 25 steps (training stops at 0.97).
+            callbacks = [{"class_path": "lit_coupling.inject.callbacks.RecallCallback",
+                          "init_args": {"every_n_steps": 25, "target": 0.97, "verbose": False}},
+                         {"class_path": "lit_coupling.inject.callbacks.SavePretrained"}]
+            lightning_main(["fit", "--config", str(embedded_config(f"tiny-{family}")),
+                            "--data.hotpot_data", str(world), "--data.prefixes", '["", "Fact:", "Note:", "Trivia:"]',
+                            "--data.batch_size", "16", "--data.bare", "false", "--data.subject_locality", "false",
+                            "--trainer.callbacks", json.dumps(callbacks),
+                            "--trainer.default_root_dir", str(root), "--trainer.max_steps", "1200",
+                            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                            "--trainer.enable_model_summary", "false"])
+            trained[family] = (root / "model", world)
+        return trained[family]
+
+    return train

@@ -1,17 +1,88 @@
 """The embedded default models (`tiny-gpt2`, `tiny-llama`): names a user can pass wherever a model path goes.
 
-Trained on the default synthetic world on first use, cached, then loaded like any HF model directory.
+On first use `lit-coupling fit` trains one on the default synthetic world with its config in
+`lit_coupling/resources/inject/` (= `configs/inject/`); the result is cached under `$LIT_COUPLING_CACHE/models`,
+keyed by a hash of that config and of the world, and loaded like any HF model directory from then on.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+from collections import deque
 from pathlib import Path
 
-EMBEDDED_MODELS: dict[str, str] = {}  # name -> config under configs/inject/ (filled by the injection stage)
+EMBEDDED_MODELS: dict[str, str] = {"tiny-gpt2": "tiny-gpt2.yaml", "tiny-llama": "tiny-llama.yaml"}
+
+# A process started by DDP/torchrun/SLURM carries these; the training subprocess must not think it is a rank.
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "NODE_RANK",
+                  "MASTER_ADDR", "MASTER_PORT")
+_LAUNCHER_PREFIXES = ("TORCHELASTIC_", "PL_", "SLURM_")
+
+
+def embedded_config(name: str) -> Path:
+    return Path(__file__).resolve().parents[1] / "resources" / "inject" / EMBEDDED_MODELS[name]
+
+
+def cache_key(name: str) -> str:
+    """Hash of the training config and the default world: change either and the model is trained again."""
+    from lit_coupling.data.world import default_world_file
+    from lit_coupling.outputs import sha256_file, stable_hash
+
+    return stable_hash({"config": embedded_config(name).read_text(encoding="utf-8"),
+                        "world": sha256_file(default_world_file())})
+
+
+def _complete(directory: Path) -> bool:
+    return all((directory / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
 def resolve_embedded(name: str) -> Path | None:
-    """The directory of an embedded model, training it first if needed; None for any other name."""
+    """The directory of an embedded model, training it first if needed; None for any other name.
+
+    Safe when several processes ask at once: one trains under a file lock while the others wait, and the model
+    appears under its final name only when complete (trained in a temporary directory, then renamed).
+    """
     if name not in EMBEDDED_MODELS:
         return None
-    raise NotImplementedError(f"the embedded model {name!r} is not available yet (knowledge injection has not landed)")
+    from filelock import FileLock
+
+    from lit_coupling.cache import cache_dir
+
+    target = cache_dir("models") / f"{name}-{cache_key(name)}"
+    if _complete(target):
+        return target
+    with FileLock(str(target) + ".lock"):
+        if not _complete(target):
+            train_embedded(name, target)
+    return target
+
+
+def _clean_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if k not in _LAUNCHER_VARS and not k.startswith(_LAUNCHER_PREFIXES)}
+
+
+def train_embedded(name: str, target: Path) -> Path:
+    """Run `lit-coupling fit` with the embedded config in a fresh process, and move its model to `target`."""
+    from lit_coupling.models.loading import ModelLoadError
+
+    print(f"lit-coupling: training the embedded model {name} on the default synthetic world (first use; "
+          f"cached in {target})", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as work:
+        command = [sys.executable, "-m", "lit_coupling", "fit", "--config", str(embedded_config(name)),
+                   "--trainer.default_root_dir", work, "--trainer.enable_progress_bar", "false"]
+        tail: deque[str] = deque(maxlen=40)
+        with subprocess.Popen(command, env=_clean_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) as process:
+            for line in process.stdout:
+                tail.append(line)
+                if line.startswith(("[recall]", "[inject]")):
+                    print(f"  {name} {line.rstrip()}", file=sys.stderr, flush=True)
+        if process.returncode != 0 or not _complete(Path(work) / "model"):
+            raise ModelLoadError(f"training the embedded model {name} failed (exit code {process.returncode}):\n"
+                                 + "".join(tail))
+        os.replace(Path(work) / "model", target)
+    return target

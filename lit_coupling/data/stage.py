@@ -1,0 +1,63 @@
+"""The `pieces` stage of `lit-coupling run`: HotpotQA → knowledge_pieces.json, tokenised for the run's model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lit_coupling.data.piece import PIECES_FORMAT
+from lit_coupling.data.pieces import Extraction, extract_pieces, tokenize_pieces
+from lit_coupling.errors import UserError
+
+
+def pieces_document(extraction: Extraction, source: dict, model: dict, tokenizer, bos_ids: list[int],
+                    seed: int) -> dict:
+    """The content of knowledge_pieces.json (format in docs/outputs.md)."""
+    return {
+        "format": PIECES_FORMAT,
+        "model": model,
+        "tokenizer": {"name_or_path": tokenizer.name_or_path, "pad_id": tokenizer.pad_token_id, "bos_ids": bos_ids},
+        "source": source,
+        "seed": seed,
+        "counts": extraction.counts(),
+        "skipped": extraction.skipped(),
+        "skipped_records": [s.to_dict() for s in extraction.skips],
+        "pieces": [p.to_dict() for p in extraction.pieces],
+    }
+
+
+def build_pieces(hotpot_data: str | None, model_path: str, max_samples: int | None = None, seed: int = 0,
+                 trust_remote_code: bool = False) -> dict:
+    """Read the data, extract the pieces and tokenise them with `model_path`'s tokenizer and BOS convention."""
+    from lit_coupling.data.hotpotqa import open_hotpot_data
+    from lit_coupling.models.adapters import FAMILY_BY_MODEL_TYPE, bos_ids
+    from lit_coupling.models.loading import load_config, load_tokenizer
+
+    dataset, source = open_hotpot_data(hotpot_data, max_samples)
+    config = load_config(model_path, trust_remote_code)
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    bos = bos_ids(config, tokenizer)
+    extraction = tokenize_pieces(extract_pieces(dataset), tokenizer, bos)
+    if not extraction.pieces:
+        reasons = "; ".join(f"{reason}: {n}" for reason, n in extraction.skipped().items())
+        raise UserError(f"{source['path']}: no knowledge piece could be extracted from {source['records_read']} "
+                        f"records ({reasons})")
+    model_type = getattr(config, "model_type", "")
+    family = FAMILY_BY_MODEL_TYPE.get(model_type)
+    model = {"name": model_path, "family": family.name if family else "unknown", "model_type": model_type}
+    return pieces_document(extraction, source, model, tokenizer, bos, seed)
+
+
+def pieces_stage(cfg, out_dir: Path):
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from lit_coupling.outputs import PIECES, write_json
+    from lit_coupling.run import StageResult
+
+    doc = build_pieces(cfg.hotpot_data, cfg.model_path, cfg.max_samples, cfg.seed, cfg.trust_remote_code)
+    path = Path(out_dir) / PIECES
+    if rank_zero_only.rank == 0:  # under DDP every rank runs the command; one writes
+        write_json(path, doc)
+    counts, skipped = doc["counts"], sum(doc["skipped"].values())
+    kinds = ", ".join(f"{k} {n}" for k, n in counts["by_kind"].items())
+    return StageResult([str(path)], f"{counts['pieces']} pieces ({kinds}) from {counts['records']} records, "
+                                    f"{skipped} skipped")

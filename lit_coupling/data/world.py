@@ -1,0 +1,346 @@
+"""A seeded synthetic 2-hop world in HotpotQA's own schema, with its ground truth in a sidecar file.
+
+    lit-coupling make-world --chains 200 --seed 0 --out world.json   # also writes world.truth.json
+
+Entity names are invented (no real-world knowledge interferes) and combinatorial: every word of a name is shared by
+several entities ("Velmor Falls", "Velmor Works", "Drask Falls"; "Mira Tolvane", "Mira Quell"), so no single token
+identifies a subject. Only the subject's last token, once it has gathered the whole name, can recall its facts —
+which is where MEMIT edits.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lit_coupling.outputs import read_json, stable_hash, write_json
+
+TRUTH_FORMAT = "lit_coupling.world_truth/1"
+
+
+@dataclass(frozen=True)
+class Relation:
+    name: str
+    subject_type: str
+    object_type: str
+    templates: tuple[str, ...]  # "{s} ... {o}." — the object comes last, so every sentence is a prefix cloze
+    phrase: str  # the object as a noun phrase about the subject: "the birthplace of {}"
+    question: str  # asks for the object: "Where was {} born?"
+
+
+RELATIONS: dict[str, Relation] = {r.name: r for r in (
+    Relation("author", "work", "person",
+             ("{s} was written by {o}.", "The author of {s} is {o}.", "{s} is a book by {o}."),
+             "the author of {}", "Who wrote {}?"),
+    Relation("birthplace", "person", "city",
+             ("{s} was born in {o}.", "The birthplace of {s} is {o}.", "{s} is a native of {o}."),
+             "the birthplace of {}", "Where was {} born?"),
+    Relation("employer", "person", "company",
+             ("{s} works for {o}.", "{s} is employed by {o}.", "The employer of {s} is {o}."),
+             "the employer of {}", "Which company does {} work for?"),
+    Relation("alma_mater", "person", "university",
+             ("{s} studied at {o}.", "{s} graduated from {o}.", "The alma mater of {s} is {o}."),
+             "the alma mater of {}", "Where did {} study?"),
+    Relation("founder", "company", "person",
+             ("{s} was founded by {o}.", "The founder of {s} is {o}.", "{s} was started by {o}."),
+             "the founder of {}", "Who founded {}?"),
+    Relation("headquarters", "company", "city",
+             ("{s} is headquartered in {o}.", "The headquarters of {s} are in {o}.", "{s} has its head office in {o}."),
+             "the headquarters city of {}", "Where is {} headquartered?"),
+    Relation("country", "city", "country",
+             ("{s} is a city in {o}.", "{s} lies in {o}.", "The country of {s} is {o}."),
+             "the country of {}", "In which country is {}?"),
+    Relation("location", "university", "city",
+             ("{s} is located in {o}.", "The campus of {s} is in {o}.", "{s} stands in {o}."),
+             "the home city of {}", "Where is {} located?"),
+    Relation("founded", "university", "year",
+             ("{s} was established in {o}.", "{s} opened its doors in {o}.", "The founding year of {s} is {o}."),
+             "the founding year of {}", "When was {} established?"),
+)}
+
+# 2-hop chains: the first relation's object is the second one's subject (the bridge entity).
+COMPOSITIONS = (("author", "birthplace"), ("author", "employer"), ("author", "alma_mater"),
+                ("founder", "birthplace"), ("founder", "alma_mater"), ("birthplace", "country"),
+                ("employer", "headquarters"), ("employer", "founder"), ("alma_mater", "founded"),
+                ("alma_mater", "location"), ("headquarters", "country"), ("location", "country"))
+
+# The shared last word of each entity type's names: many subjects end in the same token.
+SUFFIXES = {"city": ("Falls", "Harbor", "Ridge", "Crossing", "Vale", "Haven"),
+            "company": ("Works", "Holdings", "Systems", "Foundry", "Labs"),
+            "university": ("Institute", "College", "Academy"),
+            "work": ("Chronicle", "Saga", "Almanac", "Codex", "Ballad")}
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr",
+           "st", "th", "sh", "qu", "y")
+_VOWELS = ("a", "e", "i", "o", "u", "ae", "ei", "ou")
+_CODAS = ("", "", "n", "r", "l", "s", "th", "m", "x", "k")
+
+
+@dataclass
+class WorldSpec:
+    """How big and how tangled the synthetic world is."""
+
+    chains: int = 200
+    """Number of 2-hop bridge records."""
+    seed: int = 0
+    """Seeds every choice: names, relations, sharing, templates, distractors."""
+    distractors: int = 6
+    """Distractor paragraphs per record (HotpotQA has 8 beside its 2 gold paragraphs)."""
+    share: float = 0.3
+    """Probability that a chain's bridge entity is one that another chain already uses."""
+    countries: int = 8
+    """Size of the country pool (the answers of `country` facts)."""
+    name_sharing: int = 8
+    """About how many entities share each word of a name (pools of first words, first and last names are sized
+    from the number of chains so that this holds)."""
+
+
+@dataclass
+class Entity:
+    name: str
+    type: str
+    gender: str = ""  # "f" or "m" for people: which pronoun their paragraph uses
+
+
+@dataclass
+class Fact:
+    id: str
+    subject: str
+    relation: str
+    object: str
+    template: int  # which of the relation's templates the paragraph uses
+
+    def sentence(self, template: int | None = None) -> str:
+        relation = RELATIONS[self.relation]
+        return relation.templates[self.template if template is None else template].format(s=self.subject,
+                                                                                         o=self.object)
+
+    def paraphrases(self) -> list[str]:
+        return [self.sentence(t) for t in range(len(RELATIONS[self.relation].templates))]
+
+
+@dataclass
+class World:
+    spec: WorldSpec
+    entities: dict[str, Entity] = field(default_factory=dict)
+    facts: list[Fact] = field(default_factory=list)
+    chains: list[tuple[str, str]] = field(default_factory=list)  # (hop-1 fact id, hop-2 fact id)
+
+    def facts_about(self, name: str) -> list[Fact]:
+        return [f for f in self.facts if f.subject == name]
+
+
+class _NameMaker:
+    """Invented words, and names combined from pools of them (a pool grows when its combinations run out)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng, self.used = rng, set()
+
+    def stem(self, syllables: int = 2) -> str:
+        while True:
+            parts = [self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS) for _ in range(syllables)]
+            stem = ("".join(parts) + self.rng.choice(_CODAS)).capitalize()
+            if stem not in self.used and 4 <= len(stem) <= 10:
+                self.used.add(stem)
+                return stem
+
+    def pool(self, size: int) -> list[str]:
+        return [self.stem() for _ in range(size)]
+
+    def combine(self, firsts: list[str], seconds: list[str] | tuple[str, ...], taken) -> str:
+        for _ in range(100):
+            name = f"{self.rng.choice(firsts)} {self.rng.choice(seconds)}"
+            if name not in taken:
+                return name
+        firsts.append(self.stem())  # (nearly) every combination is taken: widen the pool
+        return self.combine(firsts, seconds, taken)
+
+
+def generate_world(spec: WorldSpec) -> World:
+    """The entities, facts and chains of a world (deterministic in `spec`)."""
+    rng = random.Random(spec.seed)
+    names = _NameMaker(rng)
+    world = World(spec)
+    countries = [names.stem() + rng.choice(("ia", "ora", "and", "esh")) for _ in range(spec.countries)]
+    # A 2-hop chain brings about 1.3 named non-person entities and 0.8 people: pools sized so that each word
+    # is shared by about `name_sharing` entities.
+    stems = names.pool(max(4, round(1.3 * spec.chains / spec.name_sharing)))
+    person_pool = max(3, round((0.8 * spec.chains * spec.name_sharing) ** 0.5 / 2))
+    first_names, last_names = names.pool(person_pool), names.pool(person_pool)
+    by_type: dict[str, list[str]] = defaultdict(list)
+    relations_of: dict[str, set[str]] = defaultdict(set)
+
+    def new_entity(kind: str) -> str:
+        if kind == "country":
+            return rng.choice(countries)
+        if kind == "year":
+            return str(rng.randint(1620, 1990))
+        if kind == "person":
+            name, gender = names.combine(first_names, last_names, world.entities), rng.choice("fm")
+        else:
+            name, gender = names.combine(stems, SUFFIXES[kind], world.entities), ""
+        world.entities[name] = Entity(name, kind, gender)
+        by_type[kind].append(name)
+        return name
+
+    def add_fact(subject: str, relation: str, obj: str) -> str:
+        fact = Fact(f"f{len(world.facts):04d}", subject, relation, obj,
+                    rng.randrange(len(RELATIONS[relation].templates)))
+        world.facts.append(fact)
+        relations_of[subject].add(relation)
+        return fact.id
+
+    for country in countries:
+        world.entities[country] = Entity(country, "country")
+    for _ in range(spec.chains):
+        r1, r2 = (RELATIONS[r] for r in rng.choice(COMPOSITIONS))
+        head = new_entity(r1.subject_type)
+        # The bridge: sometimes an entity other chains already pass through (their pieces then share it).
+        reusable = [e for e in by_type[r1.object_type] if r2.name not in relations_of[e] and e != head]
+        bridge = rng.choice(reusable) if reusable and rng.random() < spec.share else new_entity(r1.object_type)
+        # The answer: an existing entity of the type half of the time (answers are shared too), never a loop.
+        pool = [e for e in by_type[r2.object_type] if e not in (head, bridge)]
+        answer = rng.choice(pool) if pool and rng.random() < 0.5 else new_entity(r2.object_type)
+        world.chains.append((add_fact(head, r1.name, bridge), add_fact(bridge, r2.name, answer)))
+    return world
+
+
+_PRONOUN = {"f": "She", "m": "He", "": "It"}
+
+
+def paragraph(world: World, name: str, rng: random.Random) -> list[str]:
+    """The entity's paragraph: one sentence per fact; later sentences that open with the name may use a pronoun
+    instead (HotpotQA's paragraphs do, and piece extraction must restore the subject)."""
+    sentences = []
+    for i, fact in enumerate(world.facts_about(name)):
+        text = fact.sentence()
+        if i > 0 and text.startswith(name + " ") and rng.random() < 0.5:
+            text = _PRONOUN[world.entities[name].gender] + text[len(name):]
+        sentences.append(text)
+    return sentences
+
+
+def world_records(world: World) -> list[dict]:
+    """HotpotQA records (original schema), one bridge record per chain, with distractor paragraphs."""
+    rng = random.Random(world.spec.seed + 1)
+    facts = {f.id: f for f in world.facts}
+    paragraphs = {name: paragraph(world, name, rng) for name in world.entities if world.facts_about(name)}
+    titles = sorted(paragraphs)
+    records = []
+    for i, (first_id, second_id) in enumerate(world.chains):
+        first, second = facts[first_id], facts[second_id]
+        r1, r2 = RELATIONS[first.relation], RELATIONS[second.relation]
+        gold = [first.subject, second.subject]
+        others = [t for t in titles if t not in gold]
+        context = gold + rng.sample(others, min(world.spec.distractors, len(others)))
+        rng.shuffle(context)
+        records.append({
+            "_id": record_id(world.spec, i),
+            "question": r2.question.format(r1.phrase.format(first.subject)),
+            "answer": second.object,
+            "supporting_facts": [[first.subject, _sentence_index(world, first)],
+                                 [second.subject, _sentence_index(world, second)]],
+            "context": [[title, paragraphs[title]] for title in context],
+            "type": "bridge",
+            "level": "synthetic",
+        })
+    return records
+
+
+def record_id(spec: WorldSpec, index: int) -> str:
+    return f"world-s{spec.seed}-{index:04d}"
+
+
+def _sentence_index(world: World, fact: Fact) -> int:
+    return [f.id for f in world.facts_about(fact.subject)].index(fact.id)
+
+
+def world_truth(world: World) -> dict:
+    """The ground truth: entities, facts with every paraphrase, chains, and which pieces share which entity."""
+    from lit_coupling.data.pieces import piece_id
+
+    facts = {f.id: f for f in world.facts}
+    shared: dict[str, dict[str, list[str]]] = defaultdict(lambda: {"subject_of": [], "answer_of": []})
+    chains = []
+    for i, (first_id, second_id) in enumerate(world.chains):
+        hotpot_id = record_id(world.spec, i)
+        ids = {kind: piece_id(hotpot_id, kind) for kind in ("hop1", "hop2", "question")}
+        first, second = facts[first_id], facts[second_id]
+        shared[first.subject]["subject_of"] += [ids["hop1"], ids["question"]]
+        shared[first.object]["answer_of"].append(ids["hop1"])
+        shared[second.subject]["subject_of"].append(ids["hop2"])
+        shared[second.object]["answer_of"] += [ids["hop2"], ids["question"]]
+        chains.append({"hotpot_id": hotpot_id, "hop1": first_id, "hop2": second_id, "head": first.subject,
+                       "bridge": first.object, "answer": second.object, "pieces": ids})
+    return {
+        "format": TRUTH_FORMAT,
+        "spec": asdict(world.spec),
+        "relations": {name: {"subject_type": r.subject_type, "object_type": r.object_type,
+                             "templates": list(r.templates), "question": r.question}
+                      for name, r in RELATIONS.items()},
+        "entities": [asdict(e) for e in world.entities.values()],
+        "facts": [{**asdict(f), "sentence": f.sentence(), "paraphrases": f.paraphrases()} for f in world.facts],
+        "chains": chains,
+        # Entities that link two or more pieces: the ground-truth coupling structure.
+        "shared_entities": {name: links for name, links in shared.items()
+                            if len(links["subject_of"]) + len(links["answer_of"]) > 1},
+    }
+
+
+def truth_path(world_path: str | Path) -> Path:
+    """world.json → world.truth.json (the sidecar sits beside the world)."""
+    path = Path(world_path)
+    return path.with_name(path.name.removesuffix(".json") + ".truth.json")
+
+
+def load_truth(world_path: str | Path) -> dict | None:
+    """The sidecar of a synthetic world, or None for any other HotpotQA file."""
+    path = truth_path(world_path)
+    return read_json(path) if path.exists() else None
+
+
+def write_world(spec: WorldSpec, out: str | Path) -> tuple[Path, Path]:
+    world = generate_world(spec)
+    sidecar = truth_path(out)
+    write_json(sidecar, world_truth(world))  # the sidecar first: a world file never lacks its truth
+    return write_json(out, world_records(world)), sidecar
+
+
+DEFAULT_WORLD = WorldSpec()
+
+
+def default_world_file(spec: WorldSpec = DEFAULT_WORLD) -> Path:
+    """The default world, written once into the cache under a name derived from its content."""
+    from lit_coupling.cache import cache_dir
+
+    world = generate_world(spec)
+    records, truth = world_records(world), world_truth(world)
+    path = cache_dir("worlds") / f"world-c{spec.chains}-s{spec.seed}-{stable_hash([records, truth])}.json"
+    if not path.exists() or not truth_path(path).exists():
+        write_json(truth_path(path), truth)
+        write_json(path, records)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="lit-coupling make-world", description=__doc__.split("\n\n")[0])
+    parser.add_class_arguments(WorldSpec, None)
+    parser.add_argument("--out", required=True, help="Where to write the world (HotpotQA JSON); the ground "
+                                                     "truth goes beside it as <name>.truth.json.")
+    args = parser.parse_args(argv)
+    spec = WorldSpec(**{k: v for k, v in vars(args).items() if k in WorldSpec.__dataclass_fields__})
+    if spec.chains < 1:
+        print("lit-coupling make-world: --chains must be at least 1", file=sys.stderr)
+        return 2
+    world_file, sidecar = write_world(spec, args.out)
+    print(f"wrote {world_file} ({spec.chains} chains) and {sidecar}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
