@@ -83,7 +83,8 @@ def answer_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, answer_
     """
     target_mask = answer_mask[:, 1:]  # logits at t-1 predict the token at t
     rows, cols = target_mask.nonzero(as_tuple=True)
-    picked = logits[:, :-1][rows, cols].float()  # (K, V): never materialise B×T×V in fp32
+    picked = logits[:, :-1][rows, cols]  # (K, V): never materialise B×T×V in fp32
+    picked = picked.to(torch.promote_types(picked.dtype, torch.float32))  # bf16 → fp32; a float64 run stays float64
     log_probs = torch.log_softmax(picked, dim=-1)
     targets = input_ids[:, 1:][rows, cols]
     token_logp = log_probs.gather(-1, targets[:, None]).squeeze(-1)
@@ -95,6 +96,18 @@ def answer_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: 
     token_logp, _, rows = answer_token_logprobs(logits, input_ids, answer_mask)
     return torch.zeros(input_ids.shape[0], dtype=token_logp.dtype, device=token_logp.device).index_add(
         0, rows, token_logp)
+
+
+def answer_window(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, W) positions per row: the last prompt token and every answer token — all `answer_logprobs` reads.
+
+    Pass it as HF `logits_to_keep` and gather `input_ids`/`answer_mask` at the same positions: the LM head then
+    runs on W positions instead of the whole sequence (for GPT-2 small it is ~40% of a forward's FLOPs).
+    """
+    lengths = batch["lengths"]
+    width = int((lengths - batch["prompt_lengths"]).max()) + 1
+    start = (lengths - width).clamp(min=0)  # a short row's window runs into its padding: masked
+    return start[:, None] + torch.arange(width)[None, :]
 
 
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

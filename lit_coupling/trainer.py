@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from lit_coupling.errors import UserError
+
 
 def accelerator_for(device: str, accelerator: str | None = None) -> str:
     if accelerator:
@@ -19,11 +21,25 @@ def accelerator_for(device: str, accelerator: str | None = None) -> str:
     return "gpu" if device.startswith("cuda") else "cpu"
 
 
+def _processes(devices: int | str | list) -> int:
+    """Processes per node that `--trainer.devices` asks for."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if devices in (-1, "-1", "auto") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    raise UserError(f"--trainer.strategy fsdp needs an explicit process count, got --trainer.devices {devices!r}")
+
+
 def strategy_for(strategy: str, accelerator: str, devices: int | str, num_nodes: int = 1):
     if strategy == "fsdp":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1,
+        # Pure data-parallel sharding: every process is one FSDP shard ("auto" would mean one shard per node).
+        return ModelParallelStrategy(data_parallel_size=_processes(devices) * num_nodes, tensor_parallel_size=1,
                                      process_group_backend="gloo" if accelerator == "cpu" else None)
     if strategy in ("ddp", "ddp_spawn") and accelerator == "cpu":
         from lightning.pytorch.strategies import DDPStrategy

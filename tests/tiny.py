@@ -55,3 +55,41 @@ def save_tiny_model(directory: Path, family: str, style: str | None = None, seed
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# Clozes over the tokenizer's training texts: several pieces per "chain", answers of one or more tokens.
+CLOZES = [
+    ("c0", "The capital of France is", "Paris"), ("c0", "The Eiffel Tower stands in", "Paris"),
+    ("c1", "Marie Curie was born in", "Warsaw"), ("c1", "Warsaw is the capital of", "Poland"),
+    ("c2", "Arthur's Magazine was started in", "1844"), ("c2", "First for Women is a", "magazine"),
+    ("c3", "The capital of", "France is Paris"), ("c3", "Marie Curie was", "born in Warsaw"),
+    ("c4", "The Eiffel", "Tower"), ("c4", "Arthur's", "Magazine was started"),
+]
+
+
+def write_pieces(directory: Path, model_dir: Path, clozes=CLOZES, repeat: int = 1) -> Path:
+    """knowledge_pieces.json (the documented format) of hand-made clozes, tokenised for the model in `model_dir`."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lit_coupling.data.piece import PIECES_FORMAT, KnowledgePiece
+    from lit_coupling.models.adapters import bos_ids, ensure_padding
+    from lit_coupling.outputs import PIECES, write_json
+    from lit_coupling.scoring import encode_cloze
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad_id = ensure_padding(tokenizer)
+    bos = bos_ids(AutoConfig.from_pretrained(model_dir), tokenizer)
+    pieces = []
+    for r in range(repeat):
+        for i, (chain, prompt, answer) in enumerate(clozes):
+            prompt_ids, answer_ids = encode_cloze(tokenizer, prompt, answer, bos)
+            pieces.append(KnowledgePiece(id=f"{chain}-{r}/{i}", hotpot_id=f"{chain}-{r}", chain_id=f"{chain}-{r}",
+                                         kind="hop1", hop=1, prompt=prompt, answer=answer, subject=prompt.split()[0],
+                                         prompt_ids=prompt_ids, answer_ids=answer_ids).to_dict())
+    directory = Path(directory)
+    write_json(directory / PIECES, {
+        "format": PIECES_FORMAT, "model": {"name": str(model_dir)},
+        "tokenizer": {"name_or_path": str(model_dir), "pad_id": pad_id, "bos_ids": bos},
+        "source": {"kind": "hand-made test clozes"}, "seed": 0,
+        "counts": {"pieces": len(pieces)}, "skipped": {}, "pieces": pieces})
+    return directory / PIECES
