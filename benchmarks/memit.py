@@ -4,10 +4,11 @@ Time per edit (key statistics cached, one thread by default) and key-statistics 
 
     python benchmarks/memit.py --models tiny-gpt2 tiny-llama gpt2-small-shaped
 
-Edit layers by measurement (causal tracing at the subject's last token + real edits per layer set and λ):
+Edit layers and fact token by measurement (causal tracing around the subject + real edits per fact token, layer
+set, λ and clamp):
 
     python benchmarks/memit.py --layer-sweep --models tiny-gpt2 --pieces runs/tiny-gpt2 \\
-        --layer-sets 0 1 2 0,1 1,2 --lambdas 200 800 3200
+        --layer-sets 0 1 2 0,1 1,2 --lambdas 200 800 3200 --fact-tokens subject_last subject_first_after_last
 
 `gpt2-small-shaped` is a randomly initialised GPT-2 small (12 × 768, 50257 tokens): timing only.
 """
@@ -27,7 +28,7 @@ from lit_coupling.data.piece import load_pieces
 from lit_coupling.editing.covariance import Corpus, key_covariances, resolve_corpus, shrink
 from lit_coupling.editing.hparams import resolve_hparams
 from lit_coupling.editing.memit import CovarianceSolver, apply_memit, generate_prefixes
-from lit_coupling.editing.requests import EditRequest, plan_requests
+from lit_coupling.editing.requests import FACT_TOKENS, EditRequest, plan_requests
 from lit_coupling.editing.ripple import build_probes
 from lit_coupling.editing.snapshot import restored_after
 from lit_coupling.editing.tracing import causal_trace, edit_sweep
@@ -192,12 +193,15 @@ def layer_sweep(name: str, args) -> dict:
         f"\n{name}: causal tracing over {trace['pieces']} pieces ({trace_s:.0f}s); "
         f"P(answer) clean {trace['p_clean']}, corrupted {trace['p_corrupt']}"
     )
-    print("       at the subject's last token       for contrast: block output at")
-    print("layer  block output  MLP output          subject's first token  last prompt token")
-    for layer, row in enumerate(
-        zip(trace["block"], trace["mlp"], trace["block_subject_first"], trace["block_prompt_last"])
-    ):
-        print(f"{layer:5d}  {row[0]:12.3f}  {row[1]:10.3f}          {row[2]:21.3f}  {row[3]:17.3f}")
+    print("       subject's last token      token after the subject   for contrast: block output at")
+    print("layer  block output  MLP output  block output  MLP output  subject's first token  last prompt token")
+    columns = ("block", "mlp", "block_after_subject", "mlp_after_subject", "block_subject_first",
+               "block_prompt_last")
+    for layer, row in enumerate(zip(*(trace[c] for c in columns))):
+        print(
+            f"{layer:5d}  {row[0]:12.3f}  {row[1]:10.3f}  {row[2]:12.3f}  {row[3]:10.3f}"
+            f"  {row[4]:21.3f}  {row[5]:17.3f}"
+        )
     layer_sets = (
         [[int(x) for x in s.split(",")] for s in args.layer_sets]
         if args.layer_sets
@@ -231,13 +235,14 @@ def layer_sweep(name: str, args) -> dict:
         bos,
         pad,
         args.clamps or [],
+        args.fact_tokens or [],
     )
     print(f"\n{name}: {len(requests)} edits per setting (hyperparameters: {hp.source})")
-    print("layers      λ        clamp  target reached  P(new)>P(true)  generated")
+    print("fact token                layers      λ        clamp  target reached  P(new)>P(true)  generated")
     for r in rows:
         layers = ",".join(map(str, r["layers"]))
         print(
-            f"{layers:10s}  {r['lambda']:<8g} {r['clamp']:<6g} {r['target_reached']:14.0%}  "
+            f"{r['fact_token']:24s}  {layers:10s}  {r['lambda']:<8g} {r['clamp']:<6g} {r['target_reached']:14.0%}  "
             f"{r['efficacy_logp']:14.0%}  {r['efficacy_generated']:9.0%}"
         )
     return {"model": name, "trace": trace, "sweep": rows, "hparams": hp.to_dict(), "edits": len(requests)}
@@ -266,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         "--lambdas", nargs="*", type=float, help="λ values to sweep (default: the hparams' λ)"
     )
     parser.add_argument("--clamps", nargs="*", type=float, help="clamp_norm_factor values to sweep")
+    parser.add_argument(
+        "--fact-tokens",
+        nargs="*",
+        choices=FACT_TOKENS,
+        help="fact-token strategies to sweep (default: the hparams' fact_token)",
+    )
     parser.add_argument("--trace-pieces", type=int, default=40)
     parser.add_argument("--stats-dir", help="key-statistics cache for the sweep (default: the usual cache)")
     parser.add_argument("--json", help="write the results here")

@@ -1,11 +1,12 @@
-"""The synthetic 2-hop world: HotpotQA schema, seeded, typed, combinatorial names, and a truthful sidecar."""
+"""The synthetic 2-hop world: HotpotQA schema, seeded, typed, relation-first sentences, names whose first word is
+their own, and a truthful sidecar."""
 
 import json
 from collections import Counter
 
 import pytest
 
-from lit_coupling.data.hotpotqa import normalize_record, read_hotpotqa
+from lit_coupling.data.hotpotqa import read_hotpotqa
 from lit_coupling.data.pieces import extract_pieces
 from lit_coupling.data.world import (
     RELATIONS,
@@ -49,19 +50,24 @@ def test_relations_entities_and_templates():
     assert len(RELATIONS) >= 6 and all(len(r.templates) >= 2 for r in RELATIONS.values())
     for relation in RELATIONS.values():  # prefix clozes: the object is the last thing of every template
         assert all(t.rstrip(".").endswith("{o}") and "{s}" in t for t in relation.templates)
+        # Relation first, subject last, one word between subject and object: MEMIT edits the tiny models at that
+        # word (the token after the subject), which has seen both relation and subject.
+        assert all(not t.startswith("{s}") and len(t.split("{s}")[1].split("{o}")[0].split()) == 1
+                   for t in relation.templates)
     world = generate_world(WorldSpec(chains=200))
     types = Counter(e.type for e in world.entities.values())
     assert {"person", "city", "company", "university", "work", "country"} <= set(types)
 
 
-def test_names_are_combinatorial():
-    """No word identifies an entity on its own: each is shared with other entities' names."""
+def test_first_words_identify_entities_and_later_words_are_shared():
+    """A name's first token carries it (a new answer's later tokens follow from its first); the rest is shared."""
     world = generate_world(WorldSpec(chains=200))
     named = [e.name.split() for e in world.entities.values() if e.type != "country"]
-    words = Counter(w for name in named for w in set(name))
-    assert all(len(name) >= 2 for name in named)
-    assert all(words[name[0]] >= 2 and words[name[-1]] >= 2 for name in named)
-    assert sum(words[name[0]] for name in named) / len(named) >= 4  # first words are widely shared
+    assert all(len(name) == 2 for name in named)
+    firsts = Counter(name[0] for name in named)
+    assert max(firsts.values()) == 1
+    lasts = Counter(name[-1] for name in named)
+    assert sum(lasts[name[-1]] for name in named) / len(named) >= 4  # last words are widely shared
 
 
 def test_every_chain_gives_its_pieces_and_they_match_the_truth(world_file):
@@ -92,16 +98,13 @@ def test_shared_entities_name_pieces_that_really_share_them(world_file):
     assert max(bridges.values()) >= 2  # some chains pass through the same bridge entity
 
 
-def test_pronoun_sentences_are_restored():
-    """Paragraphs say "She was born in X"; the piece's sentence has the entity back: "Mira Tolvane was born in X"."""
-    records = world_records(generate_world(WorldSpec(chains=100, seed=5)))
-    pieces = {p.id: p for p in extract_pieces(normalize_record(r, i, "w") for i, r in enumerate(records)).pieces}
-    checked = 0
+def test_every_sentence_names_its_subject_right_before_the_object():
+    """Paragraph sentences are the facts' templates as they are: "... of {subject} is {object}." (no pronouns)."""
+    world = generate_world(WorldSpec(chains=100, seed=5))
+    records = world_records(world)
+    facts = {(f.subject, f.sentence()): f for f in world.facts}
     for record in records:
-        context = dict(record["context"])
-        for kind, (title, index) in zip(("hop1", "hop2"), record["supporting_facts"]):
-            pronoun, rest = context[title][index].split(" ", 1)
-            if pronoun in ("He", "She", "It"):
-                assert pieces[f"{record['_id']}/{kind}"].source_sentence == f"{title} {rest}"
-                checked += 1
-    assert checked > 0
+        for title, sentences in record["context"]:
+            for sentence in sentences:
+                fact = facts[(title, sentence)]
+                assert sentence.endswith(f"{fact.subject} is {fact.object}.")

@@ -2,10 +2,19 @@
 
     lit-coupling make-world --chains 200 --seed 0 --out world.json   # also writes world.truth.json
 
-Entity names are invented (no real-world knowledge interferes) and combinatorial: every word of a name is shared by
-several entities ("Velmor Falls", "Velmor Works", "Drask Falls"; "Mira Tolvane", "Mira Quell"), so no single token
-identifies a subject. Only the subject's last token, once it has gathered the whole name, can recall its facts —
-which is where MEMIT edits.
+Shaped so that the tiny models trained on it can be edited by MEMIT (measured: docs/benchmarks.md, "Where the facts
+live"):
+
+- Every sentence names the relation first and the subject last, and the object follows the subject after one
+  word: "The birthplace of Mira Tolvane is Velmor Falls." A tiny model recalls a fact at the prompt's last token
+  (it reads the subject's name tokens from there in its first block, whatever the template), so MEMIT edits at the
+  token right after the subject (`fact_token: subject_first_after_last` in configs/memit/tiny-*.yaml), which here
+  is the prompt's last token and has seen both relation and subject. With subject-first sentences ("Mira Tolvane
+  was born in") that token is " was" and knows nothing of the relation.
+- Every entity's first word is its own; the later words are shared ("Velmor Falls", "Drask Falls"; "Mira
+  Tolvane", "Oren Tolvane"). A new multi-word answer is then carried by its first token: a tiny model completes
+  "Drask" with "Falls" from the name alone. With first words shared by several entities the second answer token
+  was looked up again from the context, which the edit did not change, and half the edits broke there.
 """
 
 from __future__ import annotations
@@ -26,38 +35,38 @@ class Relation:
     name: str
     subject_type: str
     object_type: str
-    templates: tuple[str, ...]  # "{s} ... {o}." — the object comes last, so every sentence is a prefix cloze
+    templates: tuple[str, ...]  # "The ... of {s} is {o}." — the object last (a prefix cloze), one word after {s}
     phrase: str  # the object as a noun phrase about the subject: "the birthplace of {}"
     question: str  # asks for the object: "Where was {} born?"
 
 
 RELATIONS: dict[str, Relation] = {r.name: r for r in (
     Relation("author", "work", "person",
-             ("{s} was written by {o}.", "The author of {s} is {o}.", "{s} is a book by {o}."),
+             ("The author of {s} is {o}.", "The writer of {s} is {o}."),
              "the author of {}", "Who wrote {}?"),
     Relation("birthplace", "person", "city",
-             ("{s} was born in {o}.", "The birthplace of {s} is {o}.", "{s} is a native of {o}."),
+             ("The birthplace of {s} is {o}.", "The hometown of {s} is {o}."),
              "the birthplace of {}", "Where was {} born?"),
     Relation("employer", "person", "company",
-             ("{s} works for {o}.", "{s} is employed by {o}.", "The employer of {s} is {o}."),
+             ("The employer of {s} is {o}.", "The company that employs {s} is {o}."),
              "the employer of {}", "Which company does {} work for?"),
     Relation("alma_mater", "person", "university",
-             ("{s} studied at {o}.", "{s} graduated from {o}.", "The alma mater of {s} is {o}."),
+             ("The alma mater of {s} is {o}.", "The university attended by {s} is {o}."),
              "the alma mater of {}", "Where did {} study?"),
     Relation("founder", "company", "person",
-             ("{s} was founded by {o}.", "The founder of {s} is {o}.", "{s} was started by {o}."),
+             ("The founder of {s} is {o}.", "The person who founded {s} is {o}."),
              "the founder of {}", "Who founded {}?"),
     Relation("headquarters", "company", "city",
-             ("{s} is headquartered in {o}.", "The headquarters of {s} are in {o}.", "{s} has its head office in {o}."),
+             ("The headquarters city of {s} is {o}.", "The seat of {s} is {o}."),
              "the headquarters city of {}", "Where is {} headquartered?"),
     Relation("country", "city", "country",
-             ("{s} is a city in {o}.", "{s} lies in {o}.", "The country of {s} is {o}."),
+             ("The country of {s} is {o}.", "The home country of {s} is {o}."),
              "the country of {}", "In which country is {}?"),
     Relation("location", "university", "city",
-             ("{s} is located in {o}.", "The campus of {s} is in {o}.", "{s} stands in {o}."),
+             ("The location of {s} is {o}.", "The home city of {s} is {o}."),
              "the home city of {}", "Where is {} located?"),
     Relation("founded", "university", "year",
-             ("{s} was established in {o}.", "{s} opened its doors in {o}.", "The founding year of {s} is {o}."),
+             ("The founding year of {s} is {o}.", "The year of foundation of {s} is {o}."),
              "the founding year of {}", "When was {} established?"),
 )}
 
@@ -67,7 +76,7 @@ COMPOSITIONS = (("author", "birthplace"), ("author", "employer"), ("author", "al
                 ("employer", "headquarters"), ("employer", "founder"), ("alma_mater", "founded"),
                 ("alma_mater", "location"), ("headquarters", "country"), ("location", "country"))
 
-# The shared last word of each entity type's names: many subjects end in the same token.
+# The shared last word of each entity type's names (a person's last name comes from a pool instead).
 SUFFIXES = {"city": ("Falls", "Harbor", "Ridge", "Crossing", "Vale", "Haven"),
             "company": ("Works", "Holdings", "Systems", "Foundry", "Labs"),
             "university": ("Institute", "College", "Academy"),
@@ -94,15 +103,16 @@ class WorldSpec:
     countries: int = 8
     """Size of the country pool (the answers of `country` facts)."""
     name_sharing: int = 8
-    """About how many entities share each word of a name (pools of first words, first and last names are sized
-    from the number of chains so that this holds)."""
+    """About how many people share a last name (the pool of last names is sized from the number of chains so that
+    this holds). First words are never shared; the last words of places, companies, universities and works come
+    from a few per type ("Falls", "Works", ...)."""
 
 
 @dataclass
 class Entity:
     name: str
     type: str
-    gender: str = ""  # "f" or "m" for people: which pronoun their paragraph uses
+    gender: str = ""  # "f" or "m" for people (recorded in the truth; the sentences use no pronouns)
 
 
 @dataclass
@@ -134,7 +144,7 @@ class World:
 
 
 class _NameMaker:
-    """Invented words, and names combined from pools of them (a pool grows when its combinations run out)."""
+    """Invented words, and names of a fresh first word and a shared second word."""
 
     def __init__(self, rng: random.Random):
         self.rng, self.used = rng, set()
@@ -150,13 +160,12 @@ class _NameMaker:
     def pool(self, size: int) -> list[str]:
         return [self.stem() for _ in range(size)]
 
-    def combine(self, firsts: list[str], seconds: list[str] | tuple[str, ...], taken) -> str:
-        for _ in range(100):
-            name = f"{self.rng.choice(firsts)} {self.rng.choice(seconds)}"
+    def name(self, seconds: list[str] | tuple[str, ...], taken) -> str:
+        """A fresh first word (it identifies the entity) and one of `seconds`."""
+        while True:
+            name = f"{self.stem()} {self.rng.choice(seconds)}"
             if name not in taken:
                 return name
-        firsts.append(self.stem())  # (nearly) every combination is taken: widen the pool
-        return self.combine(firsts, seconds, taken)
 
 
 def generate_world(spec: WorldSpec) -> World:
@@ -165,11 +174,8 @@ def generate_world(spec: WorldSpec) -> World:
     names = _NameMaker(rng)
     world = World(spec)
     countries = [names.stem() + rng.choice(("ia", "ora", "and", "esh")) for _ in range(spec.countries)]
-    # A 2-hop chain brings about 1.3 named non-person entities and 0.8 people: pools sized so that each word
-    # is shared by about `name_sharing` entities.
-    stems = names.pool(max(4, round(1.3 * spec.chains / spec.name_sharing)))
-    person_pool = max(3, round((0.8 * spec.chains * spec.name_sharing) ** 0.5 / 2))
-    first_names, last_names = names.pool(person_pool), names.pool(person_pool)
+    # A 2-hop chain brings about 0.8 new people: the last-name pool is sized so that about `name_sharing` share one.
+    last_names = names.pool(max(3, round(0.8 * spec.chains / spec.name_sharing)))
     by_type: dict[str, list[str]] = defaultdict(list)
     relations_of: dict[str, set[str]] = defaultdict(set)
 
@@ -179,9 +185,9 @@ def generate_world(spec: WorldSpec) -> World:
         if kind == "year":
             return str(rng.randint(1620, 1990))
         if kind == "person":
-            name, gender = names.combine(first_names, last_names, world.entities), rng.choice("fm")
+            name, gender = names.name(last_names, world.entities), rng.choice("fm")
         else:
-            name, gender = names.combine(stems, SUFFIXES[kind], world.entities), ""
+            name, gender = names.name(SUFFIXES[kind], world.entities), ""
         world.entities[name] = Entity(name, kind, gender)
         by_type[kind].append(name)
         return name
@@ -208,26 +214,18 @@ def generate_world(spec: WorldSpec) -> World:
     return world
 
 
-_PRONOUN = {"f": "She", "m": "He", "": "It"}
-
-
-def paragraph(world: World, name: str, rng: random.Random) -> list[str]:
-    """The entity's paragraph: one sentence per fact; later sentences that open with the name may use a pronoun
-    instead (HotpotQA's paragraphs do, and piece extraction must restore the subject)."""
-    sentences = []
-    for i, fact in enumerate(world.facts_about(name)):
-        text = fact.sentence()
-        if i > 0 and text.startswith(name + " ") and rng.random() < 0.5:
-            text = _PRONOUN[world.entities[name].gender] + text[len(name):]
-        sentences.append(text)
-    return sentences
+def paragraph(world: World, name: str) -> list[str]:
+    """The entity's paragraph: one sentence per fact. Each names its subject (a relation-first sentence has no
+    pronoun form that keeps the subject right before the object; subject restoration is exercised by real
+    HotpotQA paragraphs instead)."""
+    return [fact.sentence() for fact in world.facts_about(name)]
 
 
 def world_records(world: World) -> list[dict]:
     """HotpotQA records (original schema), one bridge record per chain, with distractor paragraphs."""
     rng = random.Random(world.spec.seed + 1)
     facts = {f.id: f for f in world.facts}
-    paragraphs = {name: paragraph(world, name, rng) for name in world.entities if world.facts_about(name)}
+    paragraphs = {name: paragraph(world, name) for name in world.entities if world.facts_about(name)}
     titles = sorted(paragraphs)
     records = []
     for i, (first_id, second_id) in enumerate(world.chains):

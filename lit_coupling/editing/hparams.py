@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from lit_coupling.editing.requests import FACT_TOKENS
 from lit_coupling.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "memit"
@@ -54,6 +55,9 @@ class MemitHparams:
     """Generated context prefixes (seeded) the target and keys are averaged over, besides the bare prompt."""
     context_prefix_tokens: int = 10
     """Length of each generated prefix, in tokens."""
+    fact_token: str = "subject_last"
+    """Where keys are read and the target vector is written: subject_last (published for every model), subject_first,
+    or subject_first_after_last (the token right after the subject) — the public implementation's strategies."""
     model_type: str | None = None
     """HF model_type these values were set for (used by `auto` to pick a set)."""
     d_model: int | None = None
@@ -64,6 +68,10 @@ class MemitHparams:
     """Input width of the MLP output projection they were set for (λ scales with it)."""
     source: str = ""
     """published (and where) or derived (and how): said in every output that uses them."""
+
+    def __post_init__(self):
+        if self.fact_token not in FACT_TOKENS:
+            raise UserError(f"unknown MEMIT fact_token {self.fact_token!r}: choose one of {', '.join(FACT_TOKENS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

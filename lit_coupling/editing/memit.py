@@ -4,6 +4,9 @@ update.
 Functions of a model, its adapter and tensors; nothing here knows about Lightning. `apply_memit` edits the
 weights in
 place — the caller snapshots and restores them (`lit_coupling.editing.snapshot`).
+
+Keys are read and the target vector written at the *fact token* (`MemitHparams.fact_token`): the subject's last
+token as published, or another position relative to the subject as the public implementation allows.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ class PromptBatch:
     input_ids: torch.Tensor  # (B, T) right-padded
     attention_mask: torch.Tensor
     answer_mask: torch.Tensor  # answer positions (the tokens to predict)
-    subject_index: torch.Tensor  # (B,) the subject's last token
+    fact_index: torch.Tensor  # (B,) the fact token: where keys are read and δ is added (the subject's last token)
 
     @classmethod
     def of(
@@ -96,7 +99,7 @@ class PromptBatch:
             batch["input_ids"].to(device),
             batch["attention_mask"].to(device),
             batch["answer_mask"].to(device),
-            torch.tensor([p.subject_index for p in prompts], device=device),
+            torch.tensor([p.fact_index for p in prompts], device=device),
         )
 
     @property
@@ -120,12 +123,12 @@ def _device(model: nn.Module) -> torch.device:
 def capture_at_subject(
     adapter: ModelAdapter, batch: PromptBatch, key_layers: Sequence[int], hidden_layer: int
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Keys (inputs of the MLP output projections) at `key_layers` and block `hidden_layer`'s output, at the
-    subject.
+    """Keys (inputs of the MLP output projections) at `key_layers` and block `hidden_layer`'s output, at each
+    row's fact token (the subject's last token unless `fact_token` says otherwise).
 
     Only the blocks up to `hidden_layer` run. Returns ({layer: (B, d_in) float32}, (B, d_model) float32).
     """
-    rows, cols = batch.rows, batch.subject_index
+    rows, cols = batch.rows, batch.fact_index
     keys: dict[int, torch.Tensor] = {}
     found: dict[str, torch.Tensor] = {}
 
@@ -156,7 +159,7 @@ def capture_at_subject(
 
 
 class ResidualEditor:
-    """Logits at chosen positions when δ is added to block `layer`'s output at each row's subject token.
+    """Logits at chosen positions when δ is added to block `layer`'s output at each row's fact token.
 
     Block `layer`'s output and the arguments of every later block are captured in one full forward; each
     optimisation step then runs only the later blocks, the final norm and the LM head at the needed positions.
@@ -207,7 +210,7 @@ class ResidualEditor:
             self.shortcut = bool(torch.allclose(got.float(), want, rtol=tol, atol=tol * scale))
 
     def _add(self, hidden: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        rows, cols = self.batch.rows, self.batch.subject_index
+        rows, cols = self.batch.rows, self.batch.fact_index
         return hidden.index_put((rows, cols), delta.to(hidden.dtype).expand(len(rows), -1), accumulate=True)
 
     def _shortcut_logits(self, delta: torch.Tensor) -> torch.Tensor:
@@ -277,9 +280,9 @@ def optimise_target(
     targets = batch.input_ids[:n_rewrite, 1:][t_rows, t_cols]
     kl_row = torch.tensor([n_rewrite], device=device)
     rows = torch.cat([t_rows, kl_row])
-    cols = torch.cat([t_cols, batch.subject_index[n_rewrite:]])
+    cols = torch.cat([t_cols, batch.fact_index[n_rewrite:]])
     editor = ResidualEditor(adapter, batch, layer, (rows, cols))
-    h0 = editor.hidden[0, batch.subject_index[0]].float()
+    h0 = editor.hidden[0, batch.fact_index[0]].float()
     h_norm = h0.norm()
     tokens_per_row = target_mask.sum(1).float()
 
@@ -397,9 +400,9 @@ def apply_memit(
     device = _device(adapter.model)
     contexts = ["", *prefixes]
     start = time.perf_counter()
-    prompts = [request_prompts(tokenizer, r, contexts, bos_ids) for r in requests]
+    prompts = [request_prompts(tokenizer, r, contexts, bos_ids, hp.fact_token) for r in requests]
     targets = [
-        optimise_target(adapter, p, kl_prompt(tokenizer, r.subject, bos_ids), hp, pad_id)
+        optimise_target(adapter, p, kl_prompt(tokenizer, r.subject, bos_ids, hp.fact_token), hp, pad_id)
         for r, p in zip(requests, prompts)
     ]
     t_targets = time.perf_counter() - start

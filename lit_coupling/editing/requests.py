@@ -102,14 +102,38 @@ def plan_requests(pieces: Sequence[KnowledgePiece], max_experiments: int, seed: 
     return RequestPlan(requests, len(eligible), dict(skipped))
 
 
+# Where MEMIT reads keys and writes the target vector, relative to the subject (the public implementation's
+# `fact_token` strategies): its last token (the published setting), its first token, or the first token after it
+# (the subject's last token when nothing follows it in the prompt).
+FACT_TOKENS = ("subject_last", "subject_first", "subject_first_after_last")
+
+
 @dataclass
 class TokenizedPrompt:
-    """A prompt (context prefix + request prompt) followed by an answer, and where the subject ends."""
+    """A prompt (context prefix + request prompt) followed by an answer, where the subject ends, and the fact token."""
 
     prompt_ids: list[int]
     answer_ids: list[int]
     subject_index: int  # position (BOS included) of the subject's last token
     subject_first: int | None = None  # position of its first token, when asked for
+    fact_index: int | None = None  # the fact token's position (None: the subject's last token)
+
+    def __post_init__(self):
+        if self.fact_index is None:
+            self.fact_index = self.subject_index
+
+
+def fact_token_index(subject_first: int | None, subject_last: int, prompt_length: int, fact_token: str) -> int:
+    """Position of the fact token given the subject's first and last token and the prompt's length (in tokens)."""
+    if fact_token == "subject_last":
+        return subject_last
+    if fact_token == "subject_first":
+        if subject_first is None:
+            raise ValueError("subject_first needs the subject's first token")
+        return subject_first
+    if fact_token == "subject_first_after_last":
+        return subject_last + 1 if subject_last + 1 < prompt_length else subject_last
+    raise UserError(f"unknown fact_token {fact_token!r}: choose one of {', '.join(FACT_TOKENS)}")
 
 
 def tokenize_with_subject(
@@ -119,10 +143,11 @@ def tokenize_with_subject(
     answer: str,
     bos_ids: Sequence[int] = (),
     subject_start: int | None = None,
+    fact_token: str = "subject_last",
 ) -> TokenizedPrompt:
     """Joint tokenisation (as every score is computed) plus the index of the token holding char `subject_end −
     1`
-    (and, given `subject_start`, of the token holding that char)."""
+    (and, given `subject_start`, of the token holding that char), and the `fact_token` position."""
     prompt_ids, answer_ids = encode_cloze(tokenizer, prompt, answer, bos_ids)
     text = cloze_text(prompt, answer)
     if getattr(tokenizer, "is_fast", False):
@@ -139,11 +164,16 @@ def tokenize_with_subject(
     if index >= len(prompt_ids):
         raise UserError(f"the subject ends inside the answer of {prompt!r} + {answer!r}")
     first = None if subject_start is None else token_at(subject_start) + len(bos_ids)
-    return TokenizedPrompt(prompt_ids, answer_ids, index, first)
+    fact = fact_token_index(first, index, len(prompt_ids), fact_token)
+    return TokenizedPrompt(prompt_ids, answer_ids, index, first, fact)
 
 
 def request_prompts(
-    tokenizer, request: EditRequest, prefixes: Sequence[str], bos_ids: Sequence[int] = ()
+    tokenizer,
+    request: EditRequest,
+    prefixes: Sequence[str],
+    bos_ids: Sequence[int] = (),
+    fact_token: str = "subject_last",
 ) -> list[TokenizedPrompt]:
     """The request prompt under each context prefix ("" first), each followed by the new answer."""
     span = subject_span(request.prompt, request.subject)
@@ -153,12 +183,21 @@ def request_prompts(
         )
     return [
         tokenize_with_subject(
-            tokenizer, prefix + request.prompt, len(prefix) + span[1], request.target_new, bos_ids
+            tokenizer,
+            prefix + request.prompt,
+            len(prefix) + span[1],
+            request.target_new,
+            bos_ids,
+            len(prefix) + span[0],
+            fact_token,
         )
         for prefix in prefixes
     ]
 
 
-def kl_prompt(tokenizer, subject: str, bos_ids: Sequence[int] = ()) -> TokenizedPrompt:
-    """ "{subject} is a": the prompt whose next-token distribution the edit should leave alone."""
-    return tokenize_with_subject(tokenizer, f"{subject} is", len(subject), "a", bos_ids)
+def kl_prompt(
+    tokenizer, subject: str, bos_ids: Sequence[int] = (), fact_token: str = "subject_last"
+) -> TokenizedPrompt:
+    """ "{subject} is a": the prompt whose next-token distribution the edit should leave alone (read at its fact
+    token, as in the public implementation)."""
+    return tokenize_with_subject(tokenizer, f"{subject} is", len(subject), "a", bos_ids, 0, fact_token)

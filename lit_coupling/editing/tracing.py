@@ -1,4 +1,5 @@
-"""Choosing edit layers by measurement: causal tracing at the subject's last token, and an efficacy sweep.
+"""Choosing edit layers (and the fact token) by measurement: causal tracing around the subject, and an efficacy
+sweep.
 
 `causal_trace` (Meng et al. 2022): corrupt the subject's token embeddings with noise, restore one layer's
 clean state
@@ -47,14 +48,12 @@ def causal_trace(
 ) -> dict:
     """Mean indirect effect per layer of restoring one clean state into the corrupted run.
 
-    {"block": [L], "mlp": [L]} at the subject's last token (where MEMIT reads keys and writes), and for
-    contrast
-    {"block_subject_first": [L], "block_prompt_last": [L]}: the block output at the subject's first token and
-    at
-    the last prompt token (where the answer is predicted); plus "p_clean", "p_corrupt". Effects are in
-    probability
-    of the whole answer, averaged over pieces the corruption hurts (clean P > corrupted P). Noise is `noise` ×
-    the
+    {"block": [L], "mlp": [L]} at the subject's last token (where published MEMIT reads keys and writes);
+    {"block_after_subject": [L], "mlp_after_subject": [L]} at the first token after the subject (the fact token
+    `subject_first_after_last`; the subject's last token when nothing follows it); for contrast
+    {"block_subject_first": [L], "block_prompt_last": [L]}: the block output at the subject's first token and at
+    the last prompt token (where the answer is predicted); plus "p_clean", "p_corrupt". Effects are in probability
+    of the whole answer, averaged over pieces the corruption hurts (clean P > corrupted P). Noise is `noise` × the
     embeddings' standard deviation, as in the ROME paper.
     """
     model = adapter.model
@@ -65,13 +64,16 @@ def causal_trace(
     n_layers = adapter.num_layers
     block_effect, mlp_effect = torch.zeros(n_layers), torch.zeros(n_layers)
     first_effect, last_prompt_effect = torch.zeros(n_layers), torch.zeros(n_layers)
+    after_block_effect, after_mlp_effect = torch.zeros(n_layers), torch.zeros(n_layers)
     p_clean_sum = p_corrupt_sum = 0.0
     used = 0
     for piece in pieces:
         span = subject_span(piece.prompt, piece.subject)
         if span is None:
             continue
-        tp = tokenize_with_subject(tokenizer, piece.prompt, span[1], piece.answer, bos_ids, span[0])
+        tp = tokenize_with_subject(
+            tokenizer, piece.prompt, span[1], piece.answer, bos_ids, span[0], "subject_first_after_last"
+        )
         batch = PromptBatch.of([tp] * (samples + 1), pad_id, device)
         subject_positions = torch.arange(tp.subject_first, tp.subject_index + 1)
         noise_tensor = (
@@ -123,6 +125,8 @@ def causal_trace(
             for module, position, effect in (
                 (block, tp.subject_index, block_effect),
                 (mlp, tp.subject_index, mlp_effect),
+                (block, tp.fact_index, after_block_effect),
+                (mlp, tp.fact_index, after_mlp_effect),
                 (block, tp.subject_first, first_effect),
                 (block, last_prompt, last_prompt_effect),
             ):
@@ -132,6 +136,8 @@ def causal_trace(
             "pieces": 0,
             "block": [],
             "mlp": [],
+            "block_after_subject": [],
+            "mlp_after_subject": [],
             "block_subject_first": [],
             "block_prompt_last": [],
             "p_clean": None,
@@ -141,6 +147,8 @@ def causal_trace(
         "pieces": used,
         "block": (block_effect / used).tolist(),
         "mlp": (mlp_effect / used).tolist(),
+        "block_after_subject": (after_block_effect / used).tolist(),
+        "mlp_after_subject": (after_mlp_effect / used).tolist(),
         "block_subject_first": (first_effect / used).tolist(),
         "block_prompt_last": (last_prompt_effect / used).tolist(),
         "p_clean": p_clean_sum / used,
@@ -161,9 +169,10 @@ def edit_sweep(
     bos_ids: Sequence[int],
     pad_id: int,
     clamps: Sequence[float] = (),
+    fact_tokens: Sequence[str] = (),
 ) -> list[dict]:
-    """Edit each request alone under every (layer set, λ, clamp), restoring the weights after each; a row
-    each.
+    """Edit each request alone under every (fact token, layer set, λ, clamp), restoring the weights after each;
+    a row each.
 
     `probes[i]` = (prompt ids, true answer ids, new answer ids) of request i. A row gives the fraction of
     edits whose
@@ -173,34 +182,39 @@ def edit_sweep(
     """
     solvers = {layer: CovarianceSolver(c) for layer, c in covariances.items()}
     rows = []
-    for layers in layer_sets:
-        for lam, clamp in itertools.product(lambdas, clamps or [hp.clamp_norm_factor]):
-            setting = replace(hp, layers=list(layers), mom2_update_weight=lam, clamp_norm_factor=clamp)
-            reached = prefers = generated = 0
-            for request, (p_ids, true_ids, new_ids) in zip(requests, probes):
-                with restored_after({layer: adapter.target(layer).module.weight for layer in layers}):
-                    result = apply_memit(
-                        adapter, tokenizer, [request], setting, solvers, prefixes, bos_ids, pad_id
-                    )
-                    reached += result.targets[0].nll < 0.5
-                    logp = score_batch(
-                        adapter.model, collate_clozes([(p_ids, new_ids), (p_ids, true_ids)], pad_id)
-                    )["logp"]
-                    prefers += bool(logp[0] > logp[1])
-                    out = greedy_continuations(
-                        adapter.model, [p_ids], len(new_ids) + 2, pad_id, tokenizer.eos_token_id
-                    )[0]
-                    generated += generated_exact_match(tokenizer, out, request.target_new)
-            n = max(len(requests), 1)
-            rows.append(
-                {
-                    "layers": list(layers),
-                    "lambda": lam,
-                    "clamp": clamp,
-                    "edits": len(requests),
-                    "target_reached": reached / n,
-                    "efficacy_logp": prefers / n,
-                    "efficacy_generated": generated / n,
-                }
-            )
+    settings = itertools.product(
+        fact_tokens or [hp.fact_token], layer_sets, lambdas, clamps or [hp.clamp_norm_factor]
+    )
+    for fact_token, layers, lam, clamp in settings:
+        setting = replace(
+            hp, layers=list(layers), mom2_update_weight=lam, clamp_norm_factor=clamp, fact_token=fact_token
+        )
+        reached = prefers = generated = 0
+        for request, (p_ids, true_ids, new_ids) in zip(requests, probes):
+            with restored_after({layer: adapter.target(layer).module.weight for layer in layers}):
+                result = apply_memit(
+                    adapter, tokenizer, [request], setting, solvers, prefixes, bos_ids, pad_id
+                )
+                reached += result.targets[0].nll < 0.5
+                logp = score_batch(
+                    adapter.model, collate_clozes([(p_ids, new_ids), (p_ids, true_ids)], pad_id)
+                )["logp"]
+                prefers += bool(logp[0] > logp[1])
+                out = greedy_continuations(
+                    adapter.model, [p_ids], len(new_ids) + 2, pad_id, tokenizer.eos_token_id
+                )[0]
+                generated += generated_exact_match(tokenizer, out, request.target_new)
+        n = max(len(requests), 1)
+        rows.append(
+            {
+                "fact_token": fact_token,
+                "layers": list(layers),
+                "lambda": lam,
+                "clamp": clamp,
+                "edits": len(requests),
+                "target_reached": reached / n,
+                "efficacy_logp": prefers / n,
+                "efficacy_generated": generated / n,
+            }
+        )
     return rows
