@@ -5,10 +5,11 @@ Time per edit (key statistics cached, one thread by default) and key-statistics 
     python benchmarks/memit.py --models tiny-gpt2 tiny-llama gpt2-small-shaped
 
 Edit layers and fact token by measurement (causal tracing around the subject + real edits per fact token, layer
-set, λ and clamp):
+set, λ and clamp; "others kept" checks that other facts survive each edit):
 
     python benchmarks/memit.py --layer-sweep --models tiny-gpt2 --pieces runs/tiny-gpt2 \\
-        --layer-sets 0 1 2 0,1 1,2 --lambdas 200 800 3200 --fact-tokens subject_last subject_first_after_last
+        --layer-sets 0 1 2 0,1 1,2 --lambdas 200 1600 --clamps 0.75 4 \\
+        --fact-tokens subject_last subject_first_after_last --edits 20
 
 `gpt2-small-shaped` is a randomly initialised GPT-2 small (12 × 768, 50257 tokens): timing only.
 """
@@ -178,6 +179,32 @@ def bench(name: str, args) -> dict:
     }
 
 
+def known_others(
+    model, tokenizer, pieces, exclude: set[int], n: int, seed: int
+) -> list[tuple[list[int], str]]:
+    """Up to `n` single-hop pieces (seeded sample, none of them edited) that the model generates before any edit."""
+    import random
+
+    from lit_coupling.scoring import generated_exact_match, greedy_continuations
+
+    candidates = [
+        i for i, p in enumerate(pieces) if p.kind in ("hop1", "hop2", "compare") and i not in exclude
+    ]
+    random.Random(seed).shuffle(candidates)
+    chosen = [pieces[i] for i in candidates[: 2 * n]]
+    if not chosen:
+        return []
+    outs = greedy_continuations(
+        model, [p.prompt_ids for p in chosen], 8, tokenizer.pad_token_id, tokenizer.eos_token_id
+    )
+    known = [
+        (list(p.prompt_ids), p.answer)
+        for p, o in zip(chosen, outs)
+        if generated_exact_match(tokenizer, o, p.answer)
+    ]
+    return known[:n]
+
+
 def layer_sweep(name: str, args) -> dict:
     model, tokenizer = load(name)
     adapter = ModelAdapter(model)
@@ -194,9 +221,17 @@ def layer_sweep(name: str, args) -> dict:
         f"P(answer) clean {trace['p_clean']}, corrupted {trace['p_corrupt']}"
     )
     print("       subject's last token      token after the subject   for contrast: block output at")
-    print("layer  block output  MLP output  block output  MLP output  subject's first token  last prompt token")
-    columns = ("block", "mlp", "block_after_subject", "mlp_after_subject", "block_subject_first",
-               "block_prompt_last")
+    print(
+        "layer  block output  MLP output  block output  MLP output  subject's first token  last prompt token"
+    )
+    columns = (
+        "block",
+        "mlp",
+        "block_after_subject",
+        "mlp_after_subject",
+        "block_subject_first",
+        "block_prompt_last",
+    )
     for layer, row in enumerate(zip(*(trace[c] for c in columns))):
         print(
             f"{layer:5d}  {row[0]:12.3f}  {row[1]:10.3f}  {row[2]:12.3f}  {row[3]:10.3f}"
@@ -221,6 +256,9 @@ def layer_sweep(name: str, args) -> dict:
         model, tokenizer, bos, hp.context_prefixes, hp.context_prefix_tokens, args.seed
     )
     requests, probes = requests_for(args.pieces, tokenizer, bos, args.edits, args.seed)
+    others = known_others(
+        model, tokenizer, pieces, {r.source_index for r in requests}, args.others, args.seed
+    )
     lambdas = args.lambdas or [hp.mom2_update_weight]
     rows = edit_sweep(
         adapter,
@@ -236,14 +274,21 @@ def layer_sweep(name: str, args) -> dict:
         pad,
         args.clamps or [],
         args.fact_tokens or [],
+        others,
     )
-    print(f"\n{name}: {len(requests)} edits per setting (hyperparameters: {hp.source})")
-    print("fact token                layers      λ        clamp  target reached  P(new)>P(true)  generated")
+    print(
+        f"\n{name}: {len(requests)} edits per setting (hyperparameters: {hp.source}); others kept: of "
+        f"{len(others)} other single-hop facts the model generated before, the share still generated after an edit"
+    )
+    print(
+        "fact token                layers      λ        clamp  target reached  P(new)>P(true)  generated  others kept"
+    )
     for r in rows:
         layers = ",".join(map(str, r["layers"]))
+        kept = "" if r["others_kept"] is None else f"{r['others_kept']:11.1%}"
         print(
             f"{r['fact_token']:24s}  {layers:10s}  {r['lambda']:<8g} {r['clamp']:<6g} {r['target_reached']:14.0%}  "
-            f"{r['efficacy_logp']:14.0%}  {r['efficacy_generated']:9.0%}"
+            f"{r['efficacy_logp']:14.0%}  {r['efficacy_generated']:9.0%}  {kept}"
         )
     return {"model": name, "trace": trace, "sweep": rows, "hparams": hp.to_dict(), "edits": len(requests)}
 
@@ -278,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         help="fact-token strategies to sweep (default: the hparams' fact_token)",
     )
     parser.add_argument("--trace-pieces", type=int, default=40)
+    parser.add_argument(
+        "--others", type=int, default=40, help="other known facts checked after each sweep edit (0: none)"
+    )
     parser.add_argument("--stats-dir", help="key-statistics cache for the sweep (default: the usual cache)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)

@@ -52,9 +52,10 @@ def trained_tiny_model(tmp_path_factory):
     synthetic world (TRAINED_WORLD_CHAINS chains) by `lit-coupling fit`, in this process, until its single-hop
     recall reaches 0.97. Trained once per session and family; saved like a hub model.
 
-    For speed it trains without the subject-locality mask (`bare`/`subject_locality` off): it knows its facts,
-    but recalls them at the end of the prompt, so MEMIT edits at the subject will not take on it — good for the
-    mechanics of GradSim, MEMIT and the run, not for edit efficacy (docs/benchmarks.md, "Knowledge injection")."""
+    Same recipe as the embedded model, smaller and faster (fewer prefixes, smaller batches): it recalls its facts
+    at the prompt's last token, as the embedded models do, where the shipped tiny MEMIT sets edit
+    (`fact_token: subject_first_after_last`; docs/benchmarks.md, "Where the facts live"). Its edit efficacy is not
+    measured here: it is for the mechanics of GradSim, MEMIT and the run."""
     from lit_coupling.cli import lightning_main
     from lit_coupling.data.world import main as make_world
     from lit_coupling.inject.embedded import embedded_config

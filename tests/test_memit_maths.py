@@ -155,6 +155,54 @@ def test_llama_bos_does_not_shift_the_subject_position(tokenizers):
     assert torch.allclose(keys[0][0], seen["x"][0, last])
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fact_tokens_read_keys_where_they_say(family, tokenizers):
+    """subject_last / subject_first / subject_first_after_last: the position of every request prompt (behind a
+    context prefix and a BOS or not) and of the KL prompt, and the keys captured there are that token's MLP input."""
+    tok = tokenizers[family]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok), layers=2)).eval()
+    adapter = ModelAdapter(model)
+    bos = adapter.bos_ids(tok)
+    request = EditRequest(0, 0, "p", "The capital of France is", "France", "Paris", "Warsaw")
+    prefix = "Marie Curie was born in Warsaw. "
+
+    def text_upto(ids, index):  # the prompt's text up to and including token `index` (BOS left out)
+        return tok.decode(ids[len(bos) : index + 1])
+
+    seen_inputs = {}
+    handle = adapter.target(0).module.register_forward_pre_hook(
+        lambda m, a: seen_inputs.setdefault("x", a[0])
+    )
+    for fact_token in ("subject_last", "subject_first", "subject_first_after_last"):
+        prompts = request_prompts(tok, request, ["", prefix], bos, fact_token)
+        for context, p in zip(["", prefix], prompts):
+            seen = text_upto(p.prompt_ids, p.fact_index)
+            before = text_upto(p.prompt_ids, p.fact_index - 1)
+            if fact_token == "subject_last":
+                assert seen.endswith("France") and p.fact_index == p.subject_index
+            elif fact_token == "subject_first":
+                assert before.rstrip() == (context + "The capital of").rstrip()
+                assert "France".startswith(seen[len(before) :].strip())
+            else:  # the token after the subject: " is", here the prompt's last token
+                assert before.endswith("France") and seen.endswith(" is")
+                assert p.fact_index == p.subject_index + 1 == len(p.prompt_ids) - 1
+        batch = PromptBatch.of(prompts, tok.pad_token_id)
+        seen_inputs.clear()  # (capture_at_subject runs the model too)
+        keys, _ = capture_at_subject(adapter, batch, [0], 1)
+        for row, p in enumerate(prompts):
+            seen_inputs.clear()
+            model(input_ids=torch.tensor([p.prompt_ids]))
+            assert torch.allclose(keys[0][row], seen_inputs["x"][0, p.fact_index], atol=1e-5)
+    handle.remove()
+    kl = kl_prompt(tok, "France", bos, "subject_first_after_last")  # "France is": read at " is"
+    assert text_upto(kl.prompt_ids, kl.fact_index).endswith(" is") and kl.fact_index == kl.subject_index + 1
+    # nothing after the subject in the prompt: the subject's last token, as the public implementation does
+    tail = EditRequest(0, 0, "p", "The Eiffel Tower stands in Paris", "Paris", "France", "Poland")
+    (p,) = request_prompts(tok, tail, [""], bos, "subject_first_after_last")
+    assert p.fact_index == p.subject_index == len(p.prompt_ids) - 1
+
+
 def piece(i, kind, answer, chain="c"):
     return KnowledgePiece(
         id=f"{chain}{i}/{kind}",
@@ -227,6 +275,30 @@ def test_shipped_hyperparameters():
             again = derive_hparams(sets[origin], origin, hp.model_type, hp.d_model, hp.num_layers, hp.key_dim)
             assert again == hp, name
     assert read_hparams_file(CONFIG_DIR / "gpt2-xl.yaml") == sets["gpt2-xl"]
+
+
+def test_shipped_sets_are_package_data_and_configs_link_to_them():
+    """An installed (non-editable) copy has them; configs/memit/*.yaml are relative links to the same files."""
+    from pathlib import Path
+
+    import lit_coupling
+
+    package = Path(lit_coupling.__file__).resolve().parent
+    assert CONFIG_DIR.resolve().parent.parent == package and CONFIG_DIR.name == "memit"
+    links = sorted((package.parent / "configs" / "memit").glob("*.yaml"))
+    assert [p.name for p in links] == sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+    for link in links:
+        assert link.is_symlink() and not Path(link.readlink()).is_absolute(), link
+        assert link.resolve() == (CONFIG_DIR / link.name).resolve()
+
+
+def test_auto_picks_the_measured_sets_for_the_embedded_tiny_models():
+    """tiny-gpt2 (gpt2, 128, 4 blocks, 512-dim keys) and tiny-llama (llama, 128, 4, 344): edited at the token after
+    the subject, where they recall (docs/benchmarks.md, "Where the facts live")."""
+    for shape in (("gpt2", 128, 4, 512), ("llama", 128, 4, 344)):
+        hp = select_hparams(*shape)
+        assert hp.source.startswith("derived by measurement"), shape
+        assert hp.fact_token == "subject_first_after_last" and hp.layers == [0, 1]
 
 
 def test_auto_hparams_pick_by_shape_and_scale_lambda_with_key_dimension():

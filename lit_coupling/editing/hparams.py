@@ -1,5 +1,5 @@
-"""MEMIT hyperparameters: the published sets in `configs/memit/`, and the rule that derives a set for any
-other model.
+"""MEMIT hyperparameters: the shipped sets in `lit_coupling/resources/memit/` (= `configs/memit/`, symlinks), and
+the rule that derives a set for any other model.
 
 A set is chosen by the loaded model's family and shape (never its name). A model with no set of its own gets
 one
@@ -21,7 +21,8 @@ import yaml
 from lit_coupling.editing.requests import FACT_TOKENS
 from lit_coupling.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "memit"
+# Package data (pyproject.toml), so an installed copy has them; configs/memit/*.yaml link here.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "resources" / "memit"
 
 # Which published set a family derives from when it has no set of its own (GPT-2 → GPT-2 XL, GPT-J → GPT-J,
 # everything with a gated Linear MLP → LLaMA-2-7B).
@@ -106,12 +107,9 @@ def read_hparams_file(path: str | Path) -> MemitHparams:
 
 
 def shipped_hparams() -> dict[str, MemitHparams]:
-    """The sets in configs/memit/, by file stem."""
+    """The shipped sets (lit_coupling/resources/memit/ = configs/memit/), by file stem."""
     if not CONFIG_DIR.is_dir():
-        raise UserError(
-            f"{CONFIG_DIR} is missing (an installed copy without the repository's configs/): "
-            f"pass --memit.hparams FILE"
-        )
+        raise UserError(f"{CONFIG_DIR} is missing (a broken install): pass --memit.hparams FILE")
     return {p.stem: read_hparams_file(p) for p in sorted(CONFIG_DIR.glob("*.yaml"))}
 
 

@@ -2,10 +2,10 @@
 sweep.
 
 `causal_trace` (Meng et al. 2022): corrupt the subject's token embeddings with noise, restore one layer's
-clean state
-at the subject's last token, and see how much of P(answer) comes back — per layer, for the block output and
-for
-the MLP output alone. `edit_sweep` runs real MEMIT edits for each (layer set, λ) and counts those that take.
+clean state at one position — the subject's last token, the token after the subject, and for contrast the subject's
+first and the prompt's last token — and see how much of P(answer) comes back, per layer, for the block output and
+for the MLP output alone. `edit_sweep` runs real MEMIT edits for each (fact token, layer set, λ, clamp) and counts
+those that take (and, given other known facts, how many of those survive each edit).
 """
 
 from __future__ import annotations
@@ -170,6 +170,7 @@ def edit_sweep(
     pad_id: int,
     clamps: Sequence[float] = (),
     fact_tokens: Sequence[str] = (),
+    others: Sequence[tuple[list[int], str]] = (),
 ) -> list[dict]:
     """Edit each request alone under every (fact token, layer set, λ, clamp), restoring the weights after each;
     a row each.
@@ -178,7 +179,9 @@ def edit_sweep(
     edits whose
     target vector reached the new answer (NLL < 0.5), that made the new answer likelier than the true one
     (logp),
-    and that made the model generate it (generated).
+    and that made the model generate it (generated). Given `others` (prompt ids, answer) of facts the model
+    generates before any edit, a row also gives the fraction of them it still generates after an edit, averaged
+    over edits (others_kept: a coarse specificity check; the ripple stage measures it properly).
     """
     solvers = {layer: CovarianceSolver(c) for layer, c in covariances.items()}
     rows = []
@@ -189,7 +192,7 @@ def edit_sweep(
         setting = replace(
             hp, layers=list(layers), mom2_update_weight=lam, clamp_norm_factor=clamp, fact_token=fact_token
         )
-        reached = prefers = generated = 0
+        reached = prefers = generated = kept = 0
         for request, (p_ids, true_ids, new_ids) in zip(requests, probes):
             with restored_after({layer: adapter.target(layer).module.weight for layer in layers}):
                 result = apply_memit(
@@ -204,6 +207,13 @@ def edit_sweep(
                     adapter.model, [p_ids], len(new_ids) + 2, pad_id, tokenizer.eos_token_id
                 )[0]
                 generated += generated_exact_match(tokenizer, out, request.target_new)
+                if others:
+                    outs = greedy_continuations(
+                        adapter.model, [o[0] for o in others], 8, pad_id, tokenizer.eos_token_id
+                    )
+                    kept += sum(
+                        generated_exact_match(tokenizer, o, answer) for o, (_, answer) in zip(outs, others)
+                    ) / len(others)
         n = max(len(requests), 1)
         rows.append(
             {
@@ -215,6 +225,7 @@ def edit_sweep(
                 "target_reached": reached / n,
                 "efficacy_logp": prefers / n,
                 "efficacy_generated": generated / n,
+                "others_kept": kept / n if others else None,
             }
         )
     return rows

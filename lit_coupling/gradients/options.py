@@ -22,5 +22,7 @@ class GradSimOptions:
     """Exact mode: auto (ghost or GEMM per layer by cost), ghost, gemm."""
     reduce_memory_gb: float = 4.0
     """Inputs and output gradients of one layer held in memory at once while the N×N matrix is assembled."""
+    progress: bool = True
+    """Show Lightning's progress bar over the batches and a line per reduced layer."""
     keep_shards: bool = False
     """Keep the per-rank shards (<output_dir>/gradsim_shards) after the reduction."""

@@ -26,7 +26,7 @@ def gradsim_stage(cfg: RunConfig, out_dir: Path) -> StageResult:
     data = PiecesDataModule(str(pieces), batch_size=g.batch_size)
     writer = GradSimWriter(output_dir=str(out_dir), keep_shards=g.keep_shards, method=g.exact_method,
                            memory_gb=g.reduce_memory_gb)
-    trainer = build_trainer_from_run(cfg, callbacks=[writer], enable_progress_bar=False)
+    trainer = build_trainer_from_run(cfg, callbacks=[writer], enable_progress_bar=g.progress)
     trainer.predict(module, datamodule=data, return_predictions=False)
     if not trainer.is_global_zero:
         return StageResult([], f"rank {trainer.global_rank}: gradient shard written, rank 0 reduces")
