@@ -76,7 +76,7 @@ class MemitModule(CausalLMModule):
         cov_corpus: str = "hotpot",
         cov_tokens: int = 100_000,
         stats_dir: str | None = None,
-        batch_size: int = 32,
+        batch_size: int = 128,
         seed: int = 0,
         on_edit_error: str = "record",
     ):

@@ -19,8 +19,9 @@ class MemitOptions:
     """Corpus tokens (key vectors) per layer covariance; cached by (model, layer, corpus, tokens)."""
     stats_dir: str | None = None
     """Key-statistics cache (default $LIT_COUPLING_CACHE/memit_stats or ~/.cache/lit_coupling/memit_stats)."""
-    batch_size: int = 32
-    """Pieces per batch when scoring ripple."""
+    batch_size: int = 128
+    """Pieces per batch when scoring ripple (every piece is scored and decoded greedily before and after each
+    edit: on small models the per-batch overhead of generation dominates, 32 → 128 made the stage 3× faster)."""
     on_edit_error: str = "record"
     """record (a failed edit is written with its error, the run goes on) or raise."""
     progress: bool = True
