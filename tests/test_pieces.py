@@ -10,6 +10,7 @@ from lit_coupling.data.pieces import (
     MISSING_SENTENCE,
     MISSING_TITLE,
     QUESTION_PROMPT,
+    TOO_LONG,
     check_piece_text,
     extract_pieces,
     record_pieces,
@@ -48,6 +49,23 @@ def test_a_bridge_chain_gives_two_hops_with_their_own_answers_and_the_question()
     assert question.prompt == QUESTION_PROMPT.format(question="In which city was the author of Hamlet born?")
     assert question.subject == "Hamlet"
     assert hop1.links == [hop2.id, question.id] and question.links == [hop1.id, hop2.id]
+
+
+def test_pieces_longer_than_the_model_context_are_skipped_with_their_chain():
+    """The question piece over the limit takes its chain with it (the hops alone would lose their question)."""
+    from transformers import GPT2Config
+
+    from lit_coupling.data.stage import CONTEXT_RESERVE, piece_token_limit
+
+    pieces = extract_pieces([record()])
+    tokenizer = train_bpe_tokenizer([cloze_text(p.prompt, p.answer) for p in pieces.pieces], 400)
+    lengths = {p.kind: len(tokenizer(cloze_text(p.prompt, p.answer))["input_ids"]) for p in pieces.pieces}
+    assert lengths["question"] > max(lengths["hop1"], lengths["hop2"])
+    kept = tokenize_pieces(extract_pieces([record()]), tokenizer, bos_ids=[], max_tokens=lengths["question"])
+    assert len(kept.pieces) == 3 and not kept.skips
+    result = tokenize_pieces(pieces, tokenizer, bos_ids=[], max_tokens=lengths["question"] - 1)
+    assert not result.pieces and result.skipped() == {TOO_LONG: 1} and result.skips[0].piece == "record"
+    assert piece_token_limit(GPT2Config(n_positions=64)) == 64 - CONTEXT_RESERVE
 
 
 def test_dangling_supporting_facts_are_skipped_with_a_reason_not_an_error():

@@ -34,6 +34,7 @@ NO_COMPARE_PIECE = "compared value not found in either supporting sentence"
 NO_QUESTION_SUBJECT = "no entity of the chain found in the question"
 UNKNOWN_TYPE = "record type is neither bridge nor comparison"
 TOKEN_BOUNDARY = "answer does not start at a token boundary"
+TOO_LONG = "longer than the model's context"
 
 # A sentence that opens with one of these has lost its subject; the paragraph title restores it.
 _PRONOUNS = {"He": "", "She": "", "It": "", "They": "", "His": "'s", "Her": "'s", "Its": "'s", "Their": "'s"}
@@ -427,17 +428,27 @@ def extract_pieces(records: Iterable[dict]) -> Extraction:
     return result
 
 
-def tokenize_pieces(extraction: Extraction, tokenizer, bos_ids: Sequence[int]) -> Extraction:
-    """Attach joint token ids (`scoring.encode_cloze`) to every piece; a chain with an untokenisable answer
-    goes whole (its question would lose a hop), a comparison loses only that piece."""
+def tokenize_pieces(extraction: Extraction, tokenizer, bos_ids: Sequence[int],
+                    max_tokens: int | None = None) -> Extraction:
+    """Attach joint token ids (`scoring.encode_cloze`) to every piece; a piece that cannot be tokenised cleanly,
+    or whose prompt + answer is longer than `max_tokens`, is skipped with its reason. A bridge chain goes whole
+    (its question would lose a hop), a comparison loses only that piece."""
     failed: dict[str, Skip] = {}
+
+    def fail(piece: KnowledgePiece, reason: str, detail: str) -> None:
+        whole = piece.record_type == "bridge" or piece.kind == "question"
+        failed.setdefault(piece.id if not whole else piece.chain_id,
+                          Skip(piece.hotpot_id, "record" if whole else piece.kind, reason, detail))
+
     for piece in extraction.pieces:
         try:
             piece.prompt_ids, piece.answer_ids = encode_cloze(tokenizer, piece.prompt, piece.answer, bos_ids)
         except ClozeTokenError as error:
-            whole = piece.record_type == "bridge" or piece.kind == "question"
-            failed.setdefault(piece.id if not whole else piece.chain_id,
-                              Skip(piece.hotpot_id, "record" if whole else piece.kind, TOKEN_BOUNDARY, str(error)))
+            fail(piece, TOKEN_BOUNDARY, str(error))
+            continue
+        length = len(piece.prompt_ids) + len(piece.answer_ids)
+        if max_tokens is not None and length > max_tokens:
+            fail(piece, TOO_LONG, f"{piece.id}: {length} tokens, at most {max_tokens}")
     if not failed:
         return extraction
     kept = [p for p in extraction.pieces if p.id not in failed and p.chain_id not in failed]

@@ -8,6 +8,16 @@ from lit_coupling.data.piece import PIECES_FORMAT
 from lit_coupling.data.pieces import Extraction, extract_pieces, tokenize_pieces
 from lit_coupling.errors import UserError
 
+# Tokens a piece leaves free in the model's context: MEMIT puts a 10-token context prefix before the prompt and a
+# new answer after it, and the ripple decodes a couple of tokens past the answer.
+CONTEXT_RESERVE = 16
+
+
+def piece_token_limit(config) -> int | None:
+    """The longest prompt + answer (in tokens) a piece may have for this model, or None when it says no limit."""
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return None if not context else max(1, int(context) - CONTEXT_RESERVE)
+
 
 def pieces_document(extraction: Extraction, source: dict, model: dict, tokenizer, bos_ids: list[int],
                     seed: int) -> dict:
@@ -36,7 +46,7 @@ def build_pieces(hotpot_data: str | None, model_path: str, max_samples: int | No
     config = load_config(model_path, trust_remote_code)
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     bos = bos_ids(config, tokenizer)
-    extraction = tokenize_pieces(extract_pieces(dataset), tokenizer, bos)
+    extraction = tokenize_pieces(extract_pieces(dataset), tokenizer, bos, piece_token_limit(config))
     if not extraction.pieces:
         reasons = "; ".join(f"{reason}: {n}" for reason, n in extraction.skipped().items())
         raise UserError(f"{source['path']}: no knowledge piece could be extracted from {source['records_read']} "
