@@ -146,3 +146,17 @@ def test_a_run_killed_during_ripple_resumes_to_the_outputs_of_an_uninterrupted_r
     assert read_json(out / CORRELATION) == read_json(reference_run / CORRELATION)
     for table in (RIPPLE_PAIRS, PAIR_TABLE):
         assert (out / table).read_text() == (reference_run / table).read_text()
+
+
+def test_seed_command_on_real_hotpotqa_with_a_short_context_model(tiny_model_dir, tmp_path):
+    """The seed's command on the HotpotQA sample: real sentences are long in a tiny tokenizer's tokens, and the tiny
+    GPT-2 holds 128 positions; pieces that do not fit are skipped with a counted reason, the rest run through."""
+    from tests.conftest import shared_path
+
+    sample = shared_path("data", "hotpotqa", "hotpot_dev_distractor_v1.sample40.json")
+    out = tmp_path / "quick_test"
+    lit_coupling(seed_command(sample, tiny_model_dir("gpt2"), out), tmp_path)
+    assert all((out / name).is_file() for name in MAIN_OUTPUTS)
+    pieces = json.loads((out / "knowledge_pieces.json").read_text())
+    assert pieces["counts"]["records"] == 20 and pieces["pieces"]
+    assert all(len(p["prompt_ids"]) + len(p["answer_ids"]) <= 128 for p in pieces["pieces"])
