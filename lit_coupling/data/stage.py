@@ -15,7 +15,9 @@ CONTEXT_RESERVE = 16
 
 def piece_token_limit(config) -> int | None:
     """The longest prompt + answer (in tokens) a piece may have for this model, or None when it says no limit."""
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    from lit_coupling.models.adapters import context_length
+
+    context = context_length(config)
     return None if not context else max(1, int(context) - CONTEXT_RESERVE)
 
 

@@ -139,8 +139,12 @@ class World:
     facts: list[Fact] = field(default_factory=list)
     chains: list[tuple[str, str]] = field(default_factory=list)  # (hop-1 fact id, hop-2 fact id)
 
-    def facts_about(self, name: str) -> list[Fact]:
-        return [f for f in self.facts if f.subject == name]
+    def facts_by_subject(self) -> dict[str, list[Fact]]:
+        """Each entity's facts in order: its paragraph, one sentence per fact (one pass, not one per entity)."""
+        about: dict[str, list[Fact]] = defaultdict(list)
+        for fact in self.facts:
+            about[fact.subject].append(fact)
+        return about
 
 
 class _NameMaker:
@@ -214,18 +218,14 @@ def generate_world(spec: WorldSpec) -> World:
     return world
 
 
-def paragraph(world: World, name: str) -> list[str]:
-    """The entity's paragraph: one sentence per fact. Each names its subject (a relation-first sentence has no
-    pronoun form that keeps the subject right before the object; subject restoration is exercised by real
-    HotpotQA paragraphs instead)."""
-    return [fact.sentence() for fact in world.facts_about(name)]
-
-
 def world_records(world: World) -> list[dict]:
     """HotpotQA records (original schema), one bridge record per chain, with distractor paragraphs."""
     rng = random.Random(world.spec.seed + 1)
     facts = {f.id: f for f in world.facts}
-    paragraphs = {name: paragraph(world, name) for name in world.entities if world.facts_about(name)}
+    about = world.facts_by_subject()
+    # An entity's paragraph: one sentence per fact, each naming its subject (a relation-first sentence has no
+    # pronoun form that keeps the subject right before the object; real HotpotQA exercises subject restoration).
+    paragraphs = {name: [f.sentence() for f in about[name]] for name in world.entities if about[name]}
     titles = sorted(paragraphs)
     records = []
     for i, (first_id, second_id) in enumerate(world.chains):
@@ -239,8 +239,7 @@ def world_records(world: World) -> list[dict]:
             "_id": record_id(world.spec, i),
             "question": r2.question.format(r1.phrase.format(first.subject)),
             "answer": second.object,
-            "supporting_facts": [[first.subject, _sentence_index(world, first)],
-                                 [second.subject, _sentence_index(world, second)]],
+            "supporting_facts": [[fact.subject, about[fact.subject].index(fact)] for fact in (first, second)],
             "context": [[title, paragraphs[title]] for title in context],
             "type": "bridge",
             "level": "synthetic",
@@ -250,10 +249,6 @@ def world_records(world: World) -> list[dict]:
 
 def record_id(spec: WorldSpec, index: int) -> str:
     return f"world-s{spec.seed}-{index:04d}"
-
-
-def _sentence_index(world: World, fact: Fact) -> int:
-    return [f.id for f in world.facts_about(fact.subject)].index(fact.id)
 
 
 def world_truth(world: World) -> dict:

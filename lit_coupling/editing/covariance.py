@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lit_coupling.errors import UserError
-from lit_coupling.models.adapters import ModelAdapter
+from lit_coupling.models.adapters import ModelAdapter, context_length
 from lit_coupling.outputs import save_torch, sha256_file, stable_hash
 
 CACHE_FORMAT = "lit_coupling.key_covariance/1"
@@ -371,12 +371,7 @@ def key_covariances(
     if not compute:
         raise FileNotFoundError(f"key statistics missing from the cache: {cache.path(names[missing[0]])}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    max_length = min(
-        max_length,
-        getattr(model.config, "max_position_embeddings", None)
-        or getattr(model.config, "n_positions", None)
-        or max_length,
-    )
+    max_length = min(max_length, context_length(model.config) or max_length)
     batching = {"max_length": max_length, "batch_size": batch_size, "bos": list(bos_ids)}
     partial = cache.partial_path([names[layer] for layer in missing], batching)
     state = None

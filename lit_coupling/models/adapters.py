@@ -300,6 +300,11 @@ class ModelAdapter:
         }
 
 
+def context_length(config) -> int | None:
+    """Positions the model holds (GPT-2 calls it n_positions, most others max_position_embeddings); None if unsaid."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def bos_ids(config, tokenizer, family: Family | None = None) -> list[int]:
     """[BOS] where the family's convention puts one before every text, else []; needs only the config.
 
