@@ -8,7 +8,6 @@ Statistics are cached by (model, layer, corpus, token count), so every later run
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,24 +43,20 @@ class Corpus:
 
 
 def hotpot_paragraphs(path: str | Path) -> Iterator[str]:
-    """Every distinct context paragraph of a HotpotQA file (JSON list or Lines; original or hub schema)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if isinstance(records, dict):
-        records = records.get("data", [records])
+    """Every distinct context paragraph of a HotpotQA file (JSON list or Lines; original or hub schema), its
+    sentences joined as `data.hotpotqa.context_paragraphs` joins them. Only `context` is read, so a corpus file
+    may hold nothing else."""
+    from lit_coupling.data.hotpotqa import parse_records
+
     seen: set[str] = set()
-    for record in records:
+    for record in parse_records(path)[0]:
         context = record.get("context") if isinstance(record, dict) else None
         if isinstance(context, dict):  # hub schema: {"title": [...], "sentences": [[...], ...]}
             context = list(zip(context.get("title", []), context.get("sentences", [])))
         for item in context or []:
             if not isinstance(item, (list, tuple)) or len(item) != 2:
                 continue
-            paragraph = "".join(item[1]).strip()
+            paragraph = " ".join(s.strip() for s in item[1] if s.strip())
             if paragraph and paragraph not in seen:
                 seen.add(paragraph)
                 yield paragraph
@@ -123,8 +118,12 @@ def resolve_corpus(corpus: str, hotpot_path: str | Path | None = None) -> Corpus
             f"key-statistics corpus {corpus!r} is not a file (use hotpot, a .txt/.json/.jsonl file, "
             f"or hf:NAME[:CONFIG][:SPLIT])"
         )
-    reader = hotpot_paragraphs if path.suffix in (".json", ".jsonl") else text_lines
-    return Corpus(path.name, sha256_file(path)[:16], lambda: reader(path))
+    if path.suffix in (".json", ".jsonl"):
+        # The fingerprint names how paragraphs are read as well as the file, so cached statistics from an older
+        # reading of the same file (sentences glued without a space) are not reused.
+        fingerprint = stable_hash(["context paragraphs, sentences joined by a space", sha256_file(path)])[:16]
+        return Corpus(path.name, fingerprint, lambda: hotpot_paragraphs(path))
+    return Corpus(path.name, sha256_file(path)[:16], lambda: text_lines(path))
 
 
 # --- accumulation
