@@ -25,10 +25,9 @@ CACHE_FORMAT = "lit_coupling.key_covariance/1"
 
 
 def default_stats_dir() -> Path:
-    import os
+    from lit_coupling.cache import cache_root
 
-    root = os.environ.get("LIT_COUPLING_CACHE") or Path.home() / ".cache" / "lit_coupling"
-    return Path(root) / "memit_stats"
+    return cache_root() / "memit_stats"
 
 
 # --- corpora

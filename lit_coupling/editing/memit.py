@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -198,7 +198,7 @@ class ResidualEditor:
             for handle in handles:
                 handle.remove()
         self.hidden = captured["h"]  # (B, T, d): block `layer`'s output, the residual stream δ is added to
-        self.calls = calls
+        self.later, self.calls = later, calls
         self.head, self.norm = model.get_output_embeddings(), adapter.final_norm
         self.shortcut = self.head is not None and self.norm is not None and len(calls) == len(later)
         if self.shortcut:
@@ -215,7 +215,7 @@ class ResidualEditor:
 
     def _shortcut_logits(self, delta: torch.Tensor) -> torch.Tensor:
         h = self._add(self.hidden, delta)
-        for block, (args, kwargs) in zip(list(self.adapter.blocks)[self.layer + 1 :], self.calls):
+        for block, (args, kwargs) in zip(self.later, self.calls):
             if args:
                 h = _hidden(block(h, *args[1:], **kwargs))
             else:
@@ -370,7 +370,6 @@ class EditResult:
     residual_norms: dict[int, float]  # mean ‖z − h‖ remaining before each layer's update
     time_targets_s: float
     time_updates_s: float
-    extra: dict = field(default_factory=dict)
 
 
 def _mean_keys(keys: torch.Tensor, n_requests: int, n_prompts: int) -> torch.Tensor:
@@ -391,11 +390,9 @@ def apply_memit(
     prefixes: Sequence[str],
     bos_ids: Sequence[int],
     pad_id: int,
-    on_layer: Callable[[int], None] | None = None,
 ) -> EditResult:
     """Edit every request at once: targets at the last edit layer, then the update of each layer in turn.
 
-    `on_layer(layer)` is called before each layer's update (tests use it to fail half way).
     """
     device = _device(adapter.model)
     contexts = ["", *prefixes]
@@ -416,8 +413,6 @@ def apply_memit(
         k = _mean_keys(keys[layer], len(requests), len(contexts))
         residual = z - hidden[bare].T  # re-measured: earlier layers' updates already moved it
         residual_norms[layer] = residual.norm(dim=0).mean().item()
-        if on_layer is not None:
-            on_layer(layer)
         update = closed_form_update(residual / (len(hp.layers) - i), k, solvers[layer], hp.mom2_update_weight)
         if not torch.isfinite(update).all():
             raise EditError(f"the update of layer {layer} is not finite")

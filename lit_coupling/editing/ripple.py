@@ -128,6 +128,16 @@ def _group(before: PieceScores, after: PieceScores, idx: Sequence[int]) -> dict:
     }
 
 
+def _record_head(request: EditRequest) -> dict:
+    """What every entry of ripple_experiments.json starts with: which edit, of which piece, asking what."""
+    return {
+        "edit_id": request.edit_id,
+        "source_index": request.source_index,
+        "source_piece": request.source_id,
+        "request": {k: getattr(request, k) for k in ("prompt", "subject", "target_true", "target_new")},
+    }
+
+
 def experiment_record(
     request: EditRequest,
     pieces: Sequence[KnowledgePiece],
@@ -180,14 +190,7 @@ def experiment_record(
     same = [j for j, p in enumerate(pieces) if p.chain_id == chain and j != i]
     other = [j for j, p in enumerate(pieces) if p.chain_id != chain]
     return {
-        "edit_id": request.edit_id,
-        "source_index": i,
-        "source_piece": request.source_id,
-        "request": {
-            k: v
-            for k, v in request.to_dict().items()
-            if k in ("prompt", "subject", "target_true", "target_new")
-        },
+        **_record_head(request),
         "status": "ok",
         "error": None,
         "time_s": time_s,
@@ -208,14 +211,7 @@ def experiment_record(
 
 def failed_record(request: EditRequest, error: BaseException, time_s: dict) -> dict:
     return {
-        "edit_id": request.edit_id,
-        "source_index": request.source_index,
-        "source_piece": request.source_id,
-        "request": {
-            k: v
-            for k, v in request.to_dict().items()
-            if k in ("prompt", "subject", "target_true", "target_new")
-        },
+        **_record_head(request),
         "status": "error",
         "error": f"{type(error).__name__}: {error}",
         "time_s": time_s,

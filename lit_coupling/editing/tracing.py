@@ -18,7 +18,7 @@ import torch
 
 from lit_coupling.data.piece import KnowledgePiece
 from lit_coupling.editing.hparams import MemitHparams
-from lit_coupling.editing.memit import CovarianceSolver, PromptBatch, apply_memit
+from lit_coupling.editing.memit import CovarianceSolver, PromptBatch, _hidden, apply_memit
 from lit_coupling.editing.requests import EditRequest, subject_span, tokenize_with_subject
 from lit_coupling.editing.snapshot import restored_after
 from lit_coupling.models.adapters import ModelAdapter
@@ -29,10 +29,6 @@ from lit_coupling.scoring import (
     greedy_continuations,
     score_batch,
 )
-
-
-def _hidden(output):
-    return output[0] if isinstance(output, tuple) else output
 
 
 @torch.no_grad()
