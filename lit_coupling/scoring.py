@@ -107,7 +107,7 @@ def answer_window(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     lengths = batch["lengths"]
     width = int((lengths - batch["prompt_lengths"]).max()) + 1
     start = (lengths - width).clamp(min=0)  # a short row's window runs into its padding: masked
-    return start[:, None] + torch.arange(width)[None, :]
+    return start[:, None] + torch.arange(width, device=lengths.device)[None, :]  # the batch may be on a GPU
 
 
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

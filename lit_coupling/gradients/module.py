@@ -94,14 +94,15 @@ def backward_log_prob(lm, batch: dict[str, Tensor], device: torch.device | str, 
     With `window`, where the model takes `logits_to_keep`, the LM head runs only on the positions the answer is
     scored from (the same numbers; `window=False` is the plain forward, for comparison).
     """
-    input_ids, answer_mask = batch["input_ids"].to(device), batch["answer_mask"].to(device)
+    full_ids = batch["input_ids"].to(device)
+    input_ids, answer_mask = full_ids, batch["answer_mask"].to(device)  # what the scored logits line up with
     extra = {}
     if window and _takes_logits_to_keep(type(lm)):
-        window = answer_window(batch).to(device)
-        extra["logits_to_keep"] = window
-        input_ids, answer_mask = input_ids.gather(1, window), answer_mask.gather(1, window)
+        positions = answer_window(batch).to(device)
+        extra["logits_to_keep"] = positions
+        input_ids, answer_mask = input_ids.gather(1, positions), answer_mask.gather(1, positions)
     with torch.enable_grad():
-        out = lm(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+        out = lm(input_ids=full_ids, attention_mask=batch["attention_mask"].to(device),
                  use_cache=False, output_hidden_states=hidden, **extra)
         logp = answer_logprobs(out.logits, input_ids, answer_mask)
         logp.sum().backward()
@@ -170,9 +171,9 @@ class GradientModule(CausalLMModule):
             self.hooks.detach()
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> dict:
-        vocab = self.lm.get_input_embeddings().num_embeddings
-        if int(batch["input_ids"].max()) >= vocab:
-            raise UserError(f"piece token ids go up to {int(batch['input_ids'].max())} but the model's vocabulary "
+        vocab, top = self.lm.get_input_embeddings().num_embeddings, int(batch["input_ids"].max())
+        if top >= vocab:
+            raise UserError(f"piece token ids go up to {top} but the model's vocabulary "
                             f"has {vocab} entries: knowledge_pieces.json was tokenised for another model")
         self.hooks.clear()
         logp, hidden = backward_log_prob(self.lm, batch, self.device, hidden=True)

@@ -105,10 +105,10 @@ class ShardSet:
         self.kinds = sorted({name.split(".")[1] for m in written for name in m["dims"]})
         self.counts = [m["pieces"] for m in self.metas]
         self.index = np.concatenate([np.load(d / "index.npy") for d in self.dirs])
-        self.tokens = np.concatenate([np.load(d / "tokens.npy") for d in self.dirs])
+        rank_tokens = [np.load(d / "tokens.npy") for d in self.dirs]
+        self.tokens = np.concatenate(rank_tokens)
         self.piece_starts = np.concatenate([[0], np.cumsum(self.counts)])
         # Token offsets inside each rank's files, per piece in storage order.
-        rank_tokens = [np.load(d / "tokens.npy") for d in self.dirs]
         self.token_starts = np.concatenate(
             [np.concatenate([[0], np.cumsum(t)])[:-1] for t in rank_tokens]).astype(np.int64)
 
