@@ -1,12 +1,15 @@
 """GradSim benchmark: exact vs naive per-piece gradients vs the floor, exact and projected at scale, projection dims.
 
-GPT-2-small shape (GPT2Config() defaults, random weights, fp32), all 12 c_proj, prompts of about 24 tokens. Every
-case runs in its own process (its peak memory is its own); ratios are to the floor measured in the same invocation.
+GPT-2-small shape (GPT2Config() defaults, random weights, fp32), all 12 c_proj, prompts of about 24 tokens, or
+LLaMA-2-7B's widths with a few blocks (`--shape llama-7b --num-layers 4`). Every case runs in its own process (its
+peak memory is its own); ratios are to the floor measured in the same invocation.
 
     python benchmarks/gradsim.py --threads 2                   # N=256 comparison, exact 1024/4096, projected 20000
     python benchmarks/gradsim.py --threads 2 --sizes --projected-n 0          # the N=256 comparison only
     python benchmarks/gradsim.py --projection-sweep --run-dir runs/tiny-gpt2  # Spearman/error vs k on a real run
     python benchmarks/gradsim.py --projection-sweep --run-dir random:256      # ... on random GPT-2-small pieces
+    python benchmarks/gradsim.py --shape llama-7b --num-layers 4 --compare-n 64 --naive-n 0 --sizes \
+        --projected-n 0 --device cuda --dtype bfloat16                         # LLaMA-7B-shaped, bf16 on a GPU
 """
 
 from __future__ import annotations
@@ -26,19 +29,39 @@ REPO = Path(__file__).resolve().parents[1]
 
 # --- the workload ------------------------------------------------------------------------------------------------
 
-def make_model(directory: Path, seed: int = 0) -> Path:
-    """GPT2Config() defaults with random weights, saved like a hub model (a small local tokenizer beside it)."""
+def model_config(shape: str, num_layers: int | None):
+    """GPT2Config() defaults, or LLaMA-2-7B's published shape (4096 wide, MLP 11008, 32 heads, 32000 tokens);
+    `num_layers` cuts the stack to a few blocks (a 7B shape's 32 blocks need 27 GB in fp32)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if shape == "gpt2-small":
+        config = GPT2Config()
+        if num_layers:
+            config.n_layer = num_layers
+    else:
+        config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                             num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
+                             num_hidden_layers=num_layers or 32)
+    return config
+
+
+def make_model(directory: Path, shape: str = "gpt2-small", num_layers: int | None = None, seed: int = 0) -> Path:
+    """A model of that shape with random weights, saved like a hub model (a small local tokenizer beside it)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     from lit_coupling.inject.tokenizer import train_bpe_tokenizer
 
     if (directory / "config.json").exists():
         return directory
     torch.manual_seed(seed)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(directory)
+    AutoModelForCausalLM.from_config(model_config(shape, num_layers)).save_pretrained(directory)
     train_bpe_tokenizer(["a b c d e f g"], vocab_size=300).save_pretrained(directory)  # pieces carry their own ids
     return directory
+
+
+def vocab_size(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
 
 
 def make_pieces(run_dir: Path, n: int, tokens: int, vocab: int, seed: int = 0) -> Path:
@@ -182,10 +205,13 @@ def run_case(args, case: str, n: int, run_dir: Path, out_dir: Path, **extra) -> 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    # The child's stderr (its per-layer progress) goes to a log beside the case, to follow a long run with tail -f.
+    log = out_dir.parent / f"{out_dir.name}.log"
+    with open(log, "w") as err:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"case {case} n={n} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"case {case} n={n} failed:\n{proc.stdout[-2000:]}\n{log.read_text()[-4000:]}")
     result = json.loads(line[len("RESULT "):])
     print(f"  {case:<10} n={n:<6} {result['seconds']:9.2f} s   peak {result['peak_gib']:.2f} GiB", file=sys.stderr,
           flush=True)
@@ -204,14 +230,19 @@ def benchmark(args) -> None:
     import numpy as np
 
     work = args.work_dir
-    args.model_dir = make_model(work / "gpt2-small-random")
-    print(f"GradSim benchmark: GPT-2-small shape (random weights), all 12 c_proj, T≈{args.tokens}, {args.dtype}, "
+    args.model_dir = make_model(work / f"{args.shape}-{args.num_layers or 'all'}-random", args.shape,
+                                args.num_layers)
+    vocab = vocab_size(args.model_dir)
+    layers = json.loads((args.model_dir / "config.json").read_text())
+    layers = layers.get("n_layer") or layers.get("num_hidden_layers")
+    print(f"GradSim benchmark: {args.shape} shape (random weights), all {layers} MLP output projections, "
+          f"T≈{args.tokens}, {args.dtype}, "
           f"{args.device}, {args.threads} threads, batch {args.batch_size}; load average before: "
           f"{os.getloadavg()[0]:.2f}", flush=True)
     rows: list[tuple] = []
     first = args.compare_n
     run_first = work / f"pieces-{first}"
-    make_pieces(run_first, first, args.tokens, 50257)
+    make_pieces(run_first, first, args.tokens, vocab)
     # The floor brackets the other cases, so a change of machine load shows as two different floor times.
     floor_a = run_case(args, "floor", first, run_first, work / "floor")
     exact = {first: run_case(args, "exact", first, run_first, work / f"exact-{first}")}
@@ -238,14 +269,14 @@ def benchmark(args) -> None:
         row(f"naive per-piece (measured n={m})", m, naive["seconds"], naive["peak_gib"],
             f"{naive['gradient_gib']:.1f} GiB of flat gradients")
         row("naive per-piece (extrapolated)", first, naive_n, naive["gradient_gib"] * first / m,
-            f"needs {113 * first / 1000:.0f} GB of gradients: cannot run in 24 GiB" if first > 200 else "")
+            f"needs {naive['gradient_gib'] / m * first:.0f} GiB of flat gradients")
         exact_cos = np.load(work / f"exact-{first}" / "coupling_matrix.npy")[:m, :m]
         naive_cos = np.load(work / "naive" / "naive_cosine.npy")
         print(f"  exact vs naive cosine (fp32 both) on the first {m} pieces: max |Δ| = "
               f"{max_abs_diff(exact_cos, naive_cos):.2e}", file=sys.stderr, flush=True)
     for n in sorted(set(args.sizes) - {first}):
         run_dir = work / f"pieces-{n}"
-        make_pieces(run_dir, n, args.tokens, 50257)
+        make_pieces(run_dir, n, args.tokens, vocab)
         e = run_case(args, "exact", n, run_dir, work / f"exact-{n}")
         row("exact (GradientModule)", n, e["seconds"], e["peak_gib"],
             f"predict {e['predict_s']:.1f} s + reduce {e['reduce_s']:.1f} s")
@@ -253,7 +284,7 @@ def benchmark(args) -> None:
     if args.projected_n:
         n = args.projected_n
         run_dir = work / f"pieces-{n}"
-        make_pieces(run_dir, n, args.tokens, 50257)
+        make_pieces(run_dir, n, args.tokens, vocab)
         p = run_case(args, "projected", n, run_dir, work / f"projected-{n}", k=args.k, seed=0)
         row(f"projected {args.k}×{args.k}", n, p["seconds"], p["peak_gib"],
             f"predict {p['predict_s']:.1f} s + reduce {p['reduce_s']:.1f} s")
@@ -284,9 +315,10 @@ def projection_sweep(args) -> None:
     work = args.work_dir / "sweep"
     if str(args.run_dir).startswith("random:"):
         n = int(str(args.run_dir).split(":")[1])
-        args.model_dir = make_model(args.work_dir / "gpt2-small-random")
+        args.model_dir = make_model(args.work_dir / f"{args.shape}-{args.num_layers or 'all'}-random", args.shape,
+                                    args.num_layers)
         args.run_dir = work / f"pieces-{n}"
-        make_pieces(args.run_dir, n, args.tokens, 50257)
+        make_pieces(args.run_dir, n, args.tokens, vocab_size(args.model_dir))
     pieces, meta = load_pieces(args.run_dir)
     if args.model_dir is None:
         args.model_dir = meta.get("model", {}).get("name")
@@ -319,11 +351,15 @@ def projection_sweep(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every case (default 2)")
+    parser.add_argument("--shape", choices=["gpt2-small", "llama-7b"], default="gpt2-small",
+                        help="model shape, random weights (llama-7b: LLaMA-2-7B's widths)")
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="blocks in the model (default: the shape's own; a few for llama-7b on small memory)")
     parser.add_argument("--tokens", type=int, default=24, help="mean tokens per piece (prompt + answer)")
     parser.add_argument("--compare-n", type=int, default=256, help="N of the exact vs naive vs floor comparison")
     parser.add_argument("--sizes", type=int, nargs="*", default=[1024, 4096], help="more N for exact")
     parser.add_argument("--naive-n", type=int, default=32, help="pieces the naive approach is measured on "
-                        "(113 MB of gradients each); 0 skips it")
+                        "(GPT-2 small: 113 MB of gradients each); 0 skips it")
     parser.add_argument("--projected-n", type=int, default=20000, help="N of the projected run (0 skips it)")
     parser.add_argument("--k", type=int, default=64, help="projection dims k_in = k_out of the projected run")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -17,13 +17,14 @@ from lit_coupling.trainer import build_trainer
 from tests.tiny import save_tiny_model, write_pieces
 
 
-def gradsim(run_dir, model_dir, batch_size=3, writer_kwargs=None, logger=False, **module_kwargs):
+def gradsim(run_dir, model_dir, batch_size=3, writer_kwargs=None, logger=False, sort_by_length=True,
+            **module_kwargs):
     """One predict job in this process; returns (coupling matrix, coupling_analysis.json)."""
     module = GradientModule(model_path=str(model_dir), **module_kwargs)
     writer = GradSimWriter(**(writer_kwargs or {}))
     trainer = build_trainer(device="cpu", callbacks=[writer], enable_progress_bar=False, logger=logger)
-    trainer.predict(module, datamodule=PiecesDataModule(str(run_dir), batch_size=batch_size),
-                    return_predictions=False)
+    data = PiecesDataModule(str(run_dir), batch_size=batch_size, sort_by_length=sort_by_length)
+    trainer.predict(module, datamodule=data, return_predictions=False)
     return np.load(run_dir / "coupling_matrix.npy"), json.loads((run_dir / "coupling_analysis.json").read_text())
 
 
@@ -75,9 +76,24 @@ def test_exact_gradsim_matches_brute_force_autograd(truth, family, dtype, method
     assert analysis["method"]["mode"] == "exact" and not analysis["zero_gradient_pieces"]
     if method != "auto":
         assert {v["method"] for v in analysis["per_layer"].values()} == {method}
-    if method == "ghost":  # the batch mates, padding and the batch size change nothing
-        again, _ = gradsim(run, model_dir, batch_size=7, dtype=dtype, writer_kwargs={"method": method})
+    if method == "ghost":  # the batch mates, padding, batch size and order (file, not length) change nothing
+        again, _ = gradsim(run, model_dir, batch_size=7, dtype=dtype, writer_kwargs={"method": method},
+                           sort_by_length=False)
         assert np.abs(again - want).max() <= tolerance
+
+
+def test_batches_are_drawn_by_length_and_carry_their_piece_positions(truth):
+    _, run, _ = truth("gpt2")
+    data = PiecesDataModule(str(run), batch_size=4)
+    batches = list(data.predict_dataloader())
+    index = torch.cat([b["index"] for b in batches]).tolist()
+    lengths = torch.cat([b["lengths"] for b in batches])
+    assert sorted(index) == list(range(len(data.pieces))) and index != sorted(index)
+    assert bool((lengths[1:] >= lengths[:-1]).all())
+    for b in batches:
+        for row, i in enumerate(b["index"].tolist()):
+            piece = data.pieces[i]
+            assert b["input_ids"][row, : int(b["lengths"][row])].tolist() == piece.prompt_ids + piece.answer_ids
 
 
 def test_outputs_per_layer_hidden_states_and_layer_subsets(truth, tmp_path):

@@ -21,18 +21,29 @@ from lit_coupling.scoring import collate_clozes
 
 
 class PieceDataset(Dataset):
-    def __init__(self, pieces: Sequence[KnowledgePiece]):
+    """Items (position in knowledge_pieces.json, prompt ids, answer ids).
+
+    With `by_length`, items come shortest first: a batch of pieces of about the same length pads little, and real
+    HotpotQA prompts run from a handful of tokens to over a hundred. Every item carries its position, so whoever
+    collects the predictions puts them back in piece order.
+    """
+
+    def __init__(self, pieces: Sequence[KnowledgePiece], by_length: bool = False):
         missing = [p.id for p in pieces if not p.answer_ids or not p.prompt_ids]
         if missing:
             raise ValueError(f"pieces without token ids (tokenise them for the model first): {missing[:3]}")
         self.pieces = list(pieces)
+        self.order = list(range(len(self.pieces)))
+        if by_length:  # stable: pieces of equal length keep their file order
+            self.order.sort(key=lambda i: len(self.pieces[i].prompt_ids) + len(self.pieces[i].answer_ids))
 
     def __len__(self) -> int:
         return len(self.pieces)
 
     def __getitem__(self, i: int) -> tuple[int, list[int], list[int]]:
-        piece = self.pieces[i]
-        return i, piece.prompt_ids, piece.answer_ids
+        position = self.order[i]
+        piece = self.pieces[position]
+        return position, piece.prompt_ids, piece.answer_ids
 
 
 class PieceCollator:
@@ -48,12 +59,13 @@ class PieceCollator:
 
 
 class PiecesDataModule(LightningDataModule):
-    def __init__(self, pieces_path: str, batch_size: int = 16, num_workers: int = 0):
+    def __init__(self, pieces_path: str, batch_size: int = 16, num_workers: int = 0, sort_by_length: bool = True):
         """
         Args:
             pieces_path: knowledge_pieces.json (or the run directory holding it), tokenised for the model.
             batch_size: pieces per batch.
             num_workers: DataLoader worker processes.
+            sort_by_length: batch pieces of similar length together (less padding); predictions carry `index`.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -70,8 +82,9 @@ class PiecesDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(PieceDataset(self.pieces), batch_size=self.hparams.batch_size, shuffle=False,
-                          collate_fn=PieceCollator(self.pad_id), num_workers=self.hparams.num_workers)
+        return DataLoader(PieceDataset(self.pieces, by_length=self.hparams.sort_by_length),
+                          batch_size=self.hparams.batch_size, shuffle=False, collate_fn=PieceCollator(self.pad_id),
+                          num_workers=self.hparams.num_workers)
 
 
 class FactExamples(Dataset):

@@ -345,7 +345,10 @@ def generate_prefixes(
         ids = list(bos_ids) + start
         past, fresh = None, ids
         for _ in range(max(0, length - len(start))):
-            out = model(input_ids=torch.tensor([fresh], device=device), use_cache=True, **{cache_kw: past})
+            # The whole mask (past and fresh tokens): without it HF warns about padding when BOS is the pad id.
+            mask = torch.ones((1, len(ids)), dtype=torch.long, device=device)
+            out = model(input_ids=torch.tensor([fresh], device=device), attention_mask=mask, use_cache=True,
+                        **{cache_kw: past})
             past = out.cache if cache_kw == "cache" else out.past_key_values
             logits = out.logits[0, -1]
             top = torch.topk(logits.float().cpu(), 5)

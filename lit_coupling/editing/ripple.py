@@ -46,14 +46,18 @@ def score_clozes(
     batch_size: int,
     pad_id: int,
 ) -> tuple[PieceScores, list[str]]:
-    """Teacher-forced and greedy scores of (prompt ids, answer ids) items; also the greedy texts."""
-    scores = PieceScores([], [], [])
-    texts: list[str] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
+    """Teacher-forced and greedy scores of (prompt ids, answer ids) items, in their order; also the greedy texts.
+
+    Batches are drawn shortest prompt first: pieces of about the same length pad little (real prompts run from a
+    handful of tokens to over a hundred) and a batch decodes only as far as its own longest answer needs.
+    """
+    n = len(items)
+    order = sorted(range(n), key=lambda i: (len(items[i][0]), len(items[i][1])))
+    logp, tf_em, gen_em, texts = [0.0] * n, [False] * n, [False] * n, [""] * n
+    for start in range(0, n, batch_size):
+        rows = order[start : start + batch_size]
+        chunk = [items[i] for i in rows]
         result = score_batch(model, collate_clozes(chunk, pad_id))
-        scores.logp += result["logp"].tolist()
-        scores.tf_em += result["tf_em"].tolist()
         generated = greedy_continuations(
             model,
             [p for p, _ in chunk],
@@ -61,10 +65,11 @@ def score_clozes(
             pad_id,
             tokenizer.eos_token_id,
         )
-        for ids, answer in zip(generated, answers[start : start + batch_size]):
-            scores.gen_em.append(generated_exact_match(tokenizer, ids, answer))
-            texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-    return scores, texts
+        for i, lp, tf, ids in zip(rows, result["logp"].tolist(), result["tf_em"].tolist(), generated):
+            logp[i], tf_em[i] = lp, tf
+            gen_em[i] = generated_exact_match(tokenizer, ids, answers[i])
+            texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
+    return PieceScores(logp, tf_em, gen_em), texts
 
 
 def score_pieces(

@@ -49,8 +49,6 @@ class ShardWriter:
         self.hidden: list[np.ndarray] = []
 
     def append(self, prediction: dict, layers: list[int]) -> None:
-        if self.meta["layers"] is None:
-            self.meta["layers"] = list(layers)
         for kind in KINDS:
             for layer, tensor in zip(layers, prediction.get(kind, ())):
                 name = f"L{layer}.{kind}"
