@@ -24,8 +24,8 @@ class PieceDataset(Dataset):
     """Items (position in knowledge_pieces.json, prompt ids, answer ids).
 
     With `by_length`, items come shortest first: a batch of pieces of about the same length pads little, and real
-    HotpotQA prompts run from a handful of tokens to over a hundred. Every item carries its position, so whoever
-    collects the predictions puts them back in piece order.
+    HotpotQA pieces vary several-fold in length (5–45 GPT-2 tokens on the HotpotQA sample). Every item carries its
+    position, so whoever collects the predictions puts them back in piece order.
     """
 
     def __init__(self, pieces: Sequence[KnowledgePiece], by_length: bool = False):

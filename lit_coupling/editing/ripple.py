@@ -48,8 +48,8 @@ def score_clozes(
 ) -> tuple[PieceScores, list[str]]:
     """Teacher-forced and greedy scores of (prompt ids, answer ids) items, in their order; also the greedy texts.
 
-    Batches are drawn shortest prompt first: pieces of about the same length pad little (real prompts run from a
-    handful of tokens to over a hundred) and a batch decodes only as far as its own longest answer needs.
+    Batches are drawn shortest prompt first: pieces of about the same length pad little (real HotpotQA pieces
+    run from 5 to 45 GPT-2 tokens) and a batch decodes only as far as its own longest answer needs.
     """
     n = len(items)
     order = sorted(range(n), key=lambda i: (len(items[i][0]), len(items[i][1])))
