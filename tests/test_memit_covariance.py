@@ -88,9 +88,12 @@ def test_statistics_are_cached_by_model_layer_corpus_and_count(setup, tmp_path):
 
 def test_an_interrupted_computation_resumes_where_it_stopped(setup, tmp_path):
     adapter, tok = setup
-    whole, _ = key_covariances(
-        adapter, tok, [0, 1], corpus(), 800, tmp_path / "a", "m", max_length=16, batch_size=4, progress=False
-    )
+
+    def covariances(folder: str, **extra):
+        return key_covariances(adapter, tok, [0, 1], corpus(), 800, tmp_path / folder, "m", max_length=16,
+                               batch_size=4, progress=False, **extra)
+
+    whole, _ = covariances("a")
     calls = {"n": 0}
 
     def crash(_module, _args):
@@ -100,36 +103,13 @@ def test_an_interrupted_computation_resumes_where_it_stopped(setup, tmp_path):
 
     handle = adapter.blocks[0].register_forward_pre_hook(crash)
     with pytest.raises(KeyboardInterrupt):
-        key_covariances(
-            adapter,
-            tok,
-            [0, 1],
-            corpus(),
-            800,
-            tmp_path / "b",
-            "m",
-            max_length=16,
-            batch_size=4,
-            progress=False,
-            checkpoint_every_s=0,
-        )
+        covariances("b", checkpoint_every_s=0)
     handle.remove()
     assert list((tmp_path / "b").rglob("partial__*"))  # the checkpoint of the first 5 batches
     calls["n"] = 0
     handle = adapter.blocks[0].register_forward_pre_hook(lambda m, a: calls.update(n=calls["n"] + 1))
     try:
-        resumed, _ = key_covariances(
-            adapter,
-            tok,
-            [0, 1],
-            corpus(),
-            800,
-            tmp_path / "b",
-            "m",
-            max_length=16,
-            batch_size=4,
-            progress=False,
-        )
+        resumed, _ = covariances("b")
     finally:
         handle.remove()
     total = sum(1 for _ in token_batches(tok, DOCS, [], 16, 4))
