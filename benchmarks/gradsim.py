@@ -45,23 +45,26 @@ def model_config(shape: str, num_layers: int | None):
     return config
 
 
-def make_model(directory: Path, shape: str = "gpt2-small", num_layers: int | None = None, seed: int = 0) -> Path:
-    """A model of that shape with random weights, saved like a hub model (a small local tokenizer beside it)."""
+def make_model(args) -> Path:
+    """A model of `--shape` (and `--num-layers`) with random weights in the work dir, saved like a hub model (a small
+    local tokenizer beside it); made once, reused by later invocations."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from lit_coupling.inject.tokenizer import train_bpe_tokenizer
 
-    if (directory / "config.json").exists():
-        return directory
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(model_config(shape, num_layers)).save_pretrained(directory)
-    train_bpe_tokenizer(["a b c d e f g"], vocab_size=300).save_pretrained(directory)  # pieces carry their own ids
+    directory = args.work_dir / f"{args.shape}-{args.num_layers or 'all'}-random"
+    if not (directory / "config.json").exists():
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(model_config(args.shape, args.num_layers)).save_pretrained(directory)
+        train_bpe_tokenizer(["a b c d e f g"], vocab_size=300).save_pretrained(directory)  # pieces carry their ids
     return directory
 
 
-def vocab_size(model_dir: Path) -> int:
-    return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+def model_size(model_dir: Path) -> tuple[int, int]:
+    """(vocabulary, blocks) from the saved config."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return int(config["vocab_size"]), int(config.get("n_layer") or config["num_hidden_layers"])
 
 
 def make_pieces(run_dir: Path, n: int, tokens: int, vocab: int, seed: int = 0) -> Path:
@@ -157,19 +160,18 @@ def case_naive(args) -> dict:
     from lit_coupling.data.piece import load_pieces
     from lit_coupling.models.adapters import ModelAdapter
     from lit_coupling.models.loading import load_model
-    from lit_coupling.scoring import answer_logprobs, collate_clozes
+    from lit_coupling.scoring import answer_logprobs, collate_clozes, forward_logits
 
     lm = load_model(str(args.model_dir), dtype=args.dtype, device=args.device).model.requires_grad_(False)
     weights = [t.module.weight.requires_grad_(True) for t in ModelAdapter(lm).targets.values()]
     pieces, meta = load_pieces(args.run_dir)
-    pieces = pieces[: args.n]
+    pieces, pad = pieces[: args.n], meta["tokenizer"]["pad_id"]
     size = sum(w.numel() for w in weights)
     flat = torch.empty((len(pieces), size), dtype=weights[0].dtype, device=args.device)
     start = time.perf_counter()
     for i, p in enumerate(pieces):
-        batch = collate_clozes([(p.prompt_ids, p.answer_ids)], 0)
-        logits = lm(input_ids=batch["input_ids"].to(args.device), use_cache=False).logits
-        logp = answer_logprobs(logits, batch["input_ids"].to(args.device), batch["answer_mask"].to(args.device))
+        batch = {k: v.to(args.device) for k, v in collate_clozes([(p.prompt_ids, p.answer_ids)], pad).items()}
+        logp = answer_logprobs(forward_logits(lm, batch), batch["input_ids"], batch["answer_mask"])
         grads = torch.autograd.grad(logp.sum(), weights)
         flat[i] = torch.cat([g.flatten() for g in grads])
     backward_s = time.perf_counter() - start
@@ -220,21 +222,12 @@ def run_case(args, case: str, n: int, run_dir: Path, out_dir: Path, **extra) -> 
 
 # --- the tables ---------------------------------------------------------------------------------------------------
 
-def max_abs_diff(a, b) -> float:
-    import numpy as np
-
-    return float(np.abs(a - b).max())
-
-
 def benchmark(args) -> None:
     import numpy as np
 
     work = args.work_dir
-    args.model_dir = make_model(work / f"{args.shape}-{args.num_layers or 'all'}-random", args.shape,
-                                args.num_layers)
-    vocab = vocab_size(args.model_dir)
-    layers = json.loads((args.model_dir / "config.json").read_text())
-    layers = layers.get("n_layer") or layers.get("num_hidden_layers")
+    args.model_dir = make_model(args)
+    vocab, layers = model_size(args.model_dir)
     print(f"GradSim benchmark: {args.shape} shape (random weights), all {layers} MLP output projections, "
           f"T≈{args.tokens}, {args.dtype}, "
           f"{args.device}, {args.threads} threads, batch {args.batch_size}; load average before: "
@@ -245,7 +238,7 @@ def benchmark(args) -> None:
     make_pieces(run_first, first, args.tokens, vocab)
     # The floor brackets the other cases, so a change of machine load shows as two different floor times.
     floor_a = run_case(args, "floor", first, run_first, work / "floor")
-    exact = {first: run_case(args, "exact", first, run_first, work / f"exact-{first}")}
+    exact = run_case(args, "exact", first, run_first, work / f"exact-{first}")
     window = run_case(args, "floor_window", first, run_first, work / "floor")
     naive = run_case(args, "naive", min(args.naive_n, first), run_first, work / "naive") if args.naive_n else None
     floor_b = run_case(args, "floor", first, run_first, work / "floor")
@@ -259,9 +252,8 @@ def benchmark(args) -> None:
         f"two runs: {floor_a['seconds']:.1f} s, {floor_b['seconds']:.1f} s")
     row("floor, LM head on the answer window", first, window["seconds"], window["peak_gib"],
         "the forward GradientModule uses")
-    e = exact[first]
-    row("exact (GradientModule)", first, e["seconds"], e["peak_gib"],
-        f"{'/'.join(e['methods'])}; predict {e['predict_s']:.1f} s + reduce {e['reduce_s']:.1f} s")
+    row("exact (GradientModule)", first, exact["seconds"], exact["peak_gib"],
+        f"{'/'.join(exact['methods'])}; predict {exact['predict_s']:.1f} s + reduce {exact['reduce_s']:.1f} s")
     if naive:
         m = naive["n"]
         # The naive per-piece cost is measured; its Gram part grows as N², scaled from the measured one.
@@ -273,7 +265,7 @@ def benchmark(args) -> None:
         exact_cos = np.load(work / f"exact-{first}" / "coupling_matrix.npy")[:m, :m]
         naive_cos = np.load(work / "naive" / "naive_cosine.npy")
         print(f"  exact vs naive cosine (fp32 both) on the first {m} pieces: max |Δ| = "
-              f"{max_abs_diff(exact_cos, naive_cos):.2e}", file=sys.stderr, flush=True)
+              f"{np.abs(exact_cos - naive_cos).max():.2e}", file=sys.stderr, flush=True)
     for n in sorted(set(args.sizes) - {first}):
         run_dir = work / f"pieces-{n}"
         make_pieces(run_dir, n, args.tokens, vocab)
@@ -285,7 +277,7 @@ def benchmark(args) -> None:
         n = args.projected_n
         run_dir = work / f"pieces-{n}"
         make_pieces(run_dir, n, args.tokens, vocab)
-        p = run_case(args, "projected", n, run_dir, work / f"projected-{n}", k=args.k, seed=0)
+        p = run_case(args, "projected", n, run_dir, work / f"projected-{n}", k=args.k)
         row(f"projected {args.k}×{args.k}", n, p["seconds"], p["peak_gib"],
             f"predict {p['predict_s']:.1f} s + reduce {p['reduce_s']:.1f} s")
         shutil.rmtree(work / f"projected-{n}", ignore_errors=True)
@@ -294,12 +286,11 @@ def benchmark(args) -> None:
     print("|---|---:|---:|---:|---:|---:|---|")
     for name, n, seconds, per, ratio, peak, note in rows:
         print(f"| {name} | {n} | {seconds:.1f} | {per:.4f} | {ratio:.2f} | {peak:.2f} | {note} |")
-    print(f"\nexact at N={first}: {exact[first]['seconds'] / (floor_per_piece * first):.2f}× the floor, "
-          f"{exact[first]['seconds'] / window['seconds']:.2f}× its own forward/backward (the answer-window floor)")
+    print(f"\nexact at N={first}: {exact['seconds'] / (floor_per_piece * first):.2f}× the floor, "
+          f"{exact['seconds'] / window['seconds']:.2f}× its own forward/backward (the answer-window floor)")
     if naive:
-        naive_n = [r for r in rows if r[0] == "naive per-piece (extrapolated)"][0][2]
-        per_piece = naive["seconds"] / naive["n"] / (exact[first]["seconds"] / first)
-        print(f"exact is {naive_n / exact[first]['seconds']:.1f}× faster than naive at N={first} "
+        per_piece = naive["seconds"] / naive["n"] / (exact["seconds"] / first)
+        print(f"exact is {naive_n / exact['seconds']:.1f}× faster than naive at N={first} "
               f"(measured at n={naive['n']}: {per_piece:.1f}× per piece)")
 
 
@@ -315,10 +306,9 @@ def projection_sweep(args) -> None:
     work = args.work_dir / "sweep"
     if str(args.run_dir).startswith("random:"):
         n = int(str(args.run_dir).split(":")[1])
-        args.model_dir = make_model(args.work_dir / f"{args.shape}-{args.num_layers or 'all'}-random", args.shape,
-                                    args.num_layers)
+        args.model_dir = make_model(args)
         args.run_dir = work / f"pieces-{n}"
-        make_pieces(args.run_dir, n, args.tokens, vocab_size(args.model_dir))
+        make_pieces(args.run_dir, n, args.tokens, model_size(args.model_dir)[0])
     pieces, meta = load_pieces(args.run_dir)
     if args.model_dir is None:
         args.model_dir = meta.get("model", {}).get("name")

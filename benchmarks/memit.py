@@ -29,10 +29,10 @@ from lit_coupling.data.piece import load_pieces
 from lit_coupling.editing.covariance import Corpus, key_covariances, resolve_corpus, shrink
 from lit_coupling.editing.hparams import resolve_hparams
 from lit_coupling.editing.memit import CovarianceSolver, apply_memit, generate_prefixes
-from lit_coupling.editing.requests import FACT_TOKENS, EditRequest, plan_requests
+from lit_coupling.editing.requests import FACT_TOKENS, SOURCE_KINDS, EditRequest, plan_requests
 from lit_coupling.editing.ripple import build_probes
 from lit_coupling.editing.snapshot import restored_after
-from lit_coupling.editing.tracing import causal_trace, edit_sweep
+from lit_coupling.editing.tracing import OTHERS_NEW_TOKENS, causal_trace, edit_sweep
 from lit_coupling.models.adapters import ModelAdapter, ensure_padding
 from lit_coupling.models.loading import load_model
 
@@ -188,14 +188,14 @@ def known_others(
     from lit_coupling.scoring import generated_exact_match, greedy_continuations
 
     candidates = [
-        i for i, p in enumerate(pieces) if p.kind in ("hop1", "hop2", "compare") and i not in exclude
+        i for i, p in enumerate(pieces) if p.kind in SOURCE_KINDS and i not in exclude
     ]
     random.Random(seed).shuffle(candidates)
     chosen = [pieces[i] for i in candidates[: 2 * n]]
     if not chosen:
         return []
     outs = greedy_continuations(
-        model, [p.prompt_ids for p in chosen], 8, tokenizer.pad_token_id, tokenizer.eos_token_id
+        model, [p.prompt_ids for p in chosen], OTHERS_NEW_TOKENS, tokenizer.pad_token_id, tokenizer.eos_token_id
     )
     known = [
         (list(p.prompt_ids), p.answer)
@@ -212,7 +212,7 @@ def layer_sweep(name: str, args) -> dict:
     bos = adapter.bos_ids(tokenizer)
     pad = tokenizer.pad_token_id
     pieces, _ = load_pieces(Path(args.pieces))
-    singles = [p for p in pieces if p.kind in ("hop1", "hop2", "compare")][: args.trace_pieces]
+    singles = [p for p in pieces if p.kind in SOURCE_KINDS][: args.trace_pieces]
     start = time.perf_counter()
     trace = causal_trace(adapter, tokenizer, singles, bos, pad, seed=args.seed)
     trace_s = time.perf_counter() - start

@@ -29,7 +29,7 @@ def _processes(devices: int | str | list) -> int:
         devices = int(devices)
     if isinstance(devices, int) and devices > 0:
         return devices
-    if devices in (-1, "-1", "auto") and torch.cuda.is_available():
+    if devices in (-1, "auto") and torch.cuda.is_available():
         return torch.cuda.device_count()
     raise UserError(f"--trainer.strategy fsdp needs an explicit process count, got --trainer.devices {devices!r}")
 

@@ -1,5 +1,6 @@
 """GradientModule + GradSimWriter on tiny GPT-2 (Conv1D) and LLaMA models against brute-force per-piece autograd."""
 
+import functools
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ from lit_coupling.gradients.module import GradientModule
 from lit_coupling.gradients.writer import GradSimWriter
 from lit_coupling.models.adapters import ModelAdapter
 from lit_coupling.models.loading import load_model
-from lit_coupling.scoring import answer_logprobs, collate_clozes, score_batch
+from lit_coupling.scoring import answer_logprobs, collate_clozes, forward_logits, score_batch
 from lit_coupling.trainer import build_trainer
 from tests.tiny import save_tiny_model, write_pieces
 
@@ -28,8 +29,10 @@ def gradsim(run_dir, model_dir, batch_size=3, writer_kwargs=None, logger=False, 
     return np.load(run_dir / "coupling_matrix.npy"), json.loads((run_dir / "coupling_analysis.json").read_text())
 
 
+@functools.cache
 def brute_force(run_dir, model_dir, layers=None):
-    """Per-piece gradients by autograd on the weights, float64, one piece at a time: (cosine matrix, gradients)."""
+    """Per-piece gradients by autograd on the weights, float64, one piece at a time: (cosine matrix, gradients).
+    Cached: the same run is asked for more than once, and nothing changes the arrays."""
     pieces, meta = load_pieces(run_dir)
     lm = load_model(str(model_dir), dtype="float64", device="cpu").model
     adapter = ModelAdapter(lm, layers=layers)
@@ -40,8 +43,7 @@ def brute_force(run_dir, model_dir, layers=None):
     grads = []
     for p in pieces:
         batch = collate_clozes([(p.prompt_ids, p.answer_ids)], meta["tokenizer"]["pad_id"])
-        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logp = answer_logprobs(logits, batch["input_ids"], batch["answer_mask"]).sum()
+        logp = answer_logprobs(forward_logits(lm, batch), batch["input_ids"], batch["answer_mask"]).sum()
         grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(logp, weights)]))
     g = torch.stack(grads)
     norms = g.norm(dim=1)
@@ -96,7 +98,7 @@ def test_batches_are_drawn_by_length_and_carry_their_piece_positions(truth):
             assert b["input_ids"][row, : int(b["lengths"][row])].tolist() == piece.prompt_ids + piece.answer_ids
 
 
-def test_outputs_per_layer_hidden_states_and_layer_subsets(truth, tmp_path):
+def test_outputs_per_layer_hidden_states_and_layer_subsets(truth):
     model_dir, run, _ = truth("gpt2")
     got, analysis = gradsim(run, model_dir, dtype="float64", layers="1")
     want, g = brute_force(run, model_dir, layers="1")

@@ -3,28 +3,16 @@
 Each job runs as a subprocess: `ddp` and ModelParallelStrategy re-execute the command line, which must not be pytest.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.test_gradsim import gradsim
-from tests.tiny import write_pieces
+from tests.tiny import cli_command, run_cli, write_pieces
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
-
-
-def lit(*args, cwd):
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "lit_coupling", *map(str, args)], capture_output=True, text=True,
-                            timeout=240, cwd=cwd, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +24,8 @@ def single(tiny_model_dir, tmp_path_factory):
         if family not in cache:
             model_dir = tiny_model_dir(family)
             run = tmp_path_factory.mktemp(f"single-{family}")
-            write_pieces(run, model_dir, repeat=2)  # 20 pieces: 10 per rank, batches of 3 end unevenly
-            cache[family] = (model_dir, run / "knowledge_pieces.json", gradsim(run, model_dir, dtype="float32")[0])
+            pieces = write_pieces(run, model_dir, repeat=2)  # 20 pieces: 10 per rank, batches of 3 end unevenly
+            cache[family] = (model_dir, pieces, gradsim(run, model_dir, dtype="float32")[0])
         return cache[family]
 
     return get
@@ -47,12 +35,12 @@ def single(tiny_model_dir, tmp_path_factory):
 def test_two_processes_give_the_matrix_of_one(single, tmp_path, strategy, family):
     model_dir, pieces, want = single(family)
     (tmp_path / "knowledge_pieces.json").write_bytes(pieces.read_bytes())
-    out = lit("run", "--stages", "gradsim", "--output_dir", tmp_path, "--model_path", model_dir, "--device", "cpu",
-              "--dtype", "float32", "--gradsim.batch_size", 3, "--trainer.strategy", strategy,
-              "--trainer.devices", 2, cwd=tmp_path)
+    out = run_cli(cli_command("run", "--stages", "gradsim", "--output_dir", tmp_path, "--model_path", model_dir,
+                              "--device", "cpu", "--dtype", "float32", "--gradsim.batch_size", 3,
+                              "--trainer.strategy", strategy, "--trainer.devices", 2), tmp_path, timeout=240)
     got = np.load(tmp_path / "coupling_matrix.npy")
     assert np.abs(got - want).max() <= 1e-5
-    assert "[gradsim]" in out.stdout and "20 pieces" in out.stdout
+    assert "[gradsim]" in out and "20 pieces" in out
     analysis = (tmp_path / "coupling_analysis.json").read_text()
     assert '"world_size": 2' in analysis
     if strategy == "fsdp":
@@ -62,8 +50,8 @@ def test_two_processes_give_the_matrix_of_one(single, tmp_path, strategy, family
 def test_predict_cli_with_the_gradsim_config(single, tmp_path):
     model_dir, pieces, want = single("gpt2")
     (tmp_path / "knowledge_pieces.json").write_bytes(pieces.read_bytes())
-    lit("predict", "--config", REPO / "configs/gradsim/tiny-gpt2.yaml", "--model.init_args.model_path", model_dir,
-        "--data.init_args.pieces_path", tmp_path, "--trainer.default_root_dir", tmp_path,
-        "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    run_cli(cli_command("predict", "--config", REPO / "configs/gradsim/tiny-gpt2.yaml", "--model.init_args.model_path",
+                        model_dir, "--data.init_args.pieces_path", tmp_path, "--trainer.default_root_dir", tmp_path,
+                        "--trainer.enable_progress_bar", "false"), tmp_path, timeout=240)
     assert np.abs(np.load(tmp_path / "coupling_matrix.npy") - want).max() <= 1e-5
     assert (tmp_path / "config.yaml").exists() and not (tmp_path / "gradsim_shards").exists()

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+
+# `python -m lit_coupling` in a child process: offline, no W&B, one thread each (tests run several at once).
+CLI_ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def cli_command(*args) -> list[str]:
+    return [sys.executable, "-m", "lit_coupling", *map(str, args)]
+
+
+def run_cli(command: list[str], cwd: Path, timeout: int = 600) -> str:
+    """Runs a `cli_command`; its stdout, or a failed assertion showing the ends of stdout and stderr."""
+    proc = subprocess.run(command, cwd=cwd, env=CLI_ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(command)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
 
 TEXTS = [
     "The capital of France is Paris.", "Marie Curie was born in Warsaw.", "The Eiffel Tower stands in Paris.",

@@ -186,6 +186,12 @@ def source_kind(dataset) -> str:
     return dataset.info.description or "hotpotqa-json"
 
 
+def paragraph_text(sentences) -> str:
+    """A context paragraph's text: its sentences stripped and joined by one space (HotpotQA keeps the spaces
+    inconsistently: some sentences start with one, the synthetic world's do not)."""
+    return " ".join(s.strip() for s in sentences if s.strip())
+
+
 def context_paragraphs(dataset) -> list[str]:
     """Every distinct context paragraph (its sentences joined), in first-seen order: Wikipedia-style text.
 
@@ -195,7 +201,7 @@ def context_paragraphs(dataset) -> list[str]:
     seen: dict[tuple[str, str], None] = {}
     for context in dataset["context"]:
         for title, sentences in zip(context["title"], context["sentences"]):
-            text = " ".join(s.strip() for s in sentences if s.strip())
+            text = paragraph_text(sentences)
             if text:
                 seen.setdefault((title, text), None)
     return [text for _, text in seen]

@@ -164,12 +164,9 @@ class _NameMaker:
     def pool(self, size: int) -> list[str]:
         return [self.stem() for _ in range(size)]
 
-    def name(self, seconds: list[str] | tuple[str, ...], taken) -> str:
-        """A fresh first word (it identifies the entity) and one of `seconds`."""
-        while True:
-            name = f"{self.stem()} {self.rng.choice(seconds)}"
-            if name not in taken:
-                return name
+    def name(self, seconds: list[str] | tuple[str, ...]) -> str:
+        """A fresh first word (it identifies the entity, so the name is new too) and one of `seconds`."""
+        return f"{self.stem()} {self.rng.choice(seconds)}"
 
 
 def generate_world(spec: WorldSpec) -> World:
@@ -189,9 +186,9 @@ def generate_world(spec: WorldSpec) -> World:
         if kind == "year":
             return str(rng.randint(1620, 1990))
         if kind == "person":
-            name, gender = names.name(last_names, world.entities), rng.choice("fm")
+            name, gender = names.name(last_names), rng.choice("fm")
         else:
-            name, gender = names.name(SUFFIXES[kind], world.entities), ""
+            name, gender = names.name(SUFFIXES[kind]), ""
         world.entities[name] = Entity(name, kind, gender)
         by_type[kind].append(name)
         return name
@@ -225,7 +222,7 @@ def world_records(world: World) -> list[dict]:
     about = world.facts_by_subject()
     # An entity's paragraph: one sentence per fact, each naming its subject (a relation-first sentence has no
     # pronoun form that keeps the subject right before the object; real HotpotQA exercises subject restoration).
-    paragraphs = {name: [f.sentence() for f in about[name]] for name in world.entities if about[name]}
+    paragraphs = {name: [f.sentence() for f in facts_of] for name, facts_of in about.items()}
     titles = sorted(paragraphs)
     records = []
     for i, (first_id, second_id) in enumerate(world.chains):

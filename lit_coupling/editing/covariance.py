@@ -43,9 +43,9 @@ class Corpus:
 
 def hotpot_paragraphs(path: str | Path) -> Iterator[str]:
     """Every distinct context paragraph of a HotpotQA file (JSON list or Lines; original or hub schema), its
-    sentences joined as `data.hotpotqa.context_paragraphs` joins them. Only `context` is read, so a corpus file
+    sentences joined by `data.hotpotqa.paragraph_text`. Only `context` is read, so a corpus file
     may hold nothing else."""
-    from lit_coupling.data.hotpotqa import parse_records
+    from lit_coupling.data.hotpotqa import paragraph_text, parse_records
 
     seen: set[str] = set()
     for record in parse_records(path)[0]:
@@ -55,7 +55,7 @@ def hotpot_paragraphs(path: str | Path) -> Iterator[str]:
         for item in context or []:
             if not isinstance(item, (list, tuple)) or len(item) != 2:
                 continue
-            paragraph = " ".join(s.strip() for s in item[1] if s.strip())
+            paragraph = paragraph_text(item[1])
             if paragraph and paragraph not in seen:
                 seen.add(paragraph)
                 yield paragraph

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from lit_coupling.editing.requests import FACT_TOKENS
+from lit_coupling.editing.requests import check_fact_token
 from lit_coupling.errors import UserError
 
 # Package data (pyproject.toml), so an installed copy has them; configs/memit/*.yaml link here.
@@ -71,8 +71,7 @@ class MemitHparams:
     """published (and where) or derived (and how): said in every output that uses them."""
 
     def __post_init__(self):
-        if self.fact_token not in FACT_TOKENS:
-            raise UserError(f"unknown MEMIT fact_token {self.fact_token!r}: choose one of {', '.join(FACT_TOKENS)}")
+        check_fact_token(self.fact_token)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -115,12 +115,8 @@ class TokenizedPrompt:
     prompt_ids: list[int]
     answer_ids: list[int]
     subject_index: int  # position (BOS included) of the subject's last token
+    fact_index: int  # the fact token's position
     subject_first: int | None = None  # position of its first token, when asked for
-    fact_index: int | None = None  # the fact token's position (None: the subject's last token)
-
-    def __post_init__(self):
-        if self.fact_index is None:
-            self.fact_index = self.subject_index
 
 
 def fact_token_index(subject_first: int | None, subject_last: int, prompt_length: int, fact_token: str) -> int:
@@ -133,7 +129,13 @@ def fact_token_index(subject_first: int | None, subject_last: int, prompt_length
         return subject_first
     if fact_token == "subject_first_after_last":
         return subject_last + 1 if subject_last + 1 < prompt_length else subject_last
-    raise UserError(f"unknown fact_token {fact_token!r}: choose one of {', '.join(FACT_TOKENS)}")
+    check_fact_token(fact_token)
+    raise AssertionError(fact_token)  # every name check_fact_token accepts is handled above
+
+
+def check_fact_token(fact_token: str) -> None:
+    if fact_token not in FACT_TOKENS:
+        raise UserError(f"unknown MEMIT fact_token {fact_token!r}: choose one of {', '.join(FACT_TOKENS)}")
 
 
 def tokenize_with_subject(
@@ -165,7 +167,7 @@ def tokenize_with_subject(
         raise UserError(f"the subject ends inside the answer of {prompt!r} + {answer!r}")
     first = None if subject_start is None else token_at(subject_start) + len(bos_ids)
     fact = fact_token_index(first, index, len(prompt_ids), fact_token)
-    return TokenizedPrompt(prompt_ids, answer_ids, index, first, fact)
+    return TokenizedPrompt(prompt_ids, answer_ids, index, fact, first)
 
 
 def request_prompts(

@@ -52,6 +52,7 @@ def score_clozes(
     run from 5 to 45 GPT-2 tokens) and a batch decodes only as far as its own longest answer needs.
     """
     n = len(items)
+    # Prompt length first (not the whole length, as GradSim's batches): greedy decoding left-pads the prompts.
     order = sorted(range(n), key=lambda i: (len(items[i][0]), len(items[i][1])))
     logp, tf_em, gen_em, texts = [0.0] * n, [False] * n, [False] * n, [""] * n
     for start in range(0, n, batch_size):

@@ -30,6 +30,9 @@ from lit_coupling.scoring import (
     score_batch,
 )
 
+# Tokens generated to judge whether the model still produces an unrelated fact ("known" before, "kept" after).
+OTHERS_NEW_TOKENS = 8
+
 
 @torch.no_grad()
 def causal_trace(
@@ -118,6 +121,9 @@ def causal_trace(
         last_prompt = len(tp.prompt_ids) - 1
         for layer in range(n_layers):
             block, mlp = adapter.blocks[layer], adapter.target(layer).module
+            # The positions often coincide (the fact token is the last prompt token in "The birthplace of X is";
+            # a one-token subject starts where it ends): each distinct restoration runs once.
+            restored: dict[tuple[int, int], float] = {}
             for module, position, effect in (
                 (block, tp.subject_index, block_effect),
                 (mlp, tp.subject_index, mlp_effect),
@@ -126,7 +132,10 @@ def causal_trace(
                 (block, tp.subject_first, first_effect),
                 (block, last_prompt, last_prompt_effect),
             ):
-                effect[layer] += run((module, position))[1:].mean().item() - p_corrupt
+                key = (id(module), position)
+                if key not in restored:
+                    restored[key] = run((module, position))[1:].mean().item() - p_corrupt
+                effect[layer] += restored[key]
     if used == 0:
         return {
             "pieces": 0,
@@ -180,6 +189,7 @@ def edit_sweep(
     over edits (others_kept: a coarse specificity check; the ripple stage measures it properly).
     """
     solvers = {layer: CovarianceSolver(c) for layer, c in covariances.items()}
+    other_prompts = [prompt for prompt, _ in others or []]
     rows = []
     settings = itertools.product(
         fact_tokens or [hp.fact_token], layer_sets, lambdas, clamps or [hp.clamp_norm_factor]
@@ -205,7 +215,7 @@ def edit_sweep(
                 generated += generated_exact_match(tokenizer, out, request.target_new)
                 if others:
                     outs = greedy_continuations(
-                        adapter.model, [o[0] for o in others], 8, pad_id, tokenizer.eos_token_id
+                        adapter.model, other_prompts, OTHERS_NEW_TOKENS, pad_id, tokenizer.eos_token_id
                     )
                     kept += sum(
                         generated_exact_match(tokenizer, o, answer) for o, (_, answer) in zip(outs, others)
