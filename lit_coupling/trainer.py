@@ -21,15 +21,15 @@ def accelerator_for(device: str, accelerator: str | None = None) -> str:
     return "gpu" if device.startswith("cuda") else "cpu"
 
 
-def _processes(devices: int | str | list) -> int:
-    """Processes per node that `--trainer.devices` asks for."""
+def _processes(devices: int | str | list, accelerator: str) -> int:
+    """Processes per node that `--trainer.devices` asks for ("auto"/-1: every GPU, and only on GPUs)."""
     if isinstance(devices, (list, tuple)):
         return len(devices)
     if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
         devices = int(devices)
     if isinstance(devices, int) and devices > 0:
         return devices
-    if devices in (-1, "auto") and torch.cuda.is_available():
+    if devices in (-1, "auto") and accelerator == "gpu" and torch.cuda.is_available():
         return torch.cuda.device_count()
     raise UserError(f"--trainer.strategy fsdp needs an explicit process count, got --trainer.devices {devices!r}")
 
@@ -39,7 +39,8 @@ def strategy_for(strategy: str, accelerator: str, devices: int | str, num_nodes:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         # Pure data-parallel sharding: every process is one FSDP shard ("auto" would mean one shard per node).
-        return ModelParallelStrategy(data_parallel_size=_processes(devices) * num_nodes, tensor_parallel_size=1,
+        return ModelParallelStrategy(data_parallel_size=_processes(devices, accelerator) * num_nodes,
+                                     tensor_parallel_size=1,
                                      process_group_backend="gloo" if accelerator == "cpu" else None)
     if strategy in ("ddp", "ddp_spawn") and accelerator == "cpu":
         from lightning.pytorch.strategies import DDPStrategy

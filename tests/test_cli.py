@@ -28,3 +28,18 @@ def test_unknown_command_and_stage_are_refused(tmp_path):
     assert result.returncode == 2 and "unknown command" in result.stderr
     result = lit("run", "--stages", "pieces,nonsense", "--output_dir", str(tmp_path))
     assert result.returncode == 2 and "unknown stage" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fsdp_process_count(monkeypatch):
+    """`--trainer.devices auto` means every GPU under FSDP, never the GPUs of a machine told to run on its CPU."""
+    import torch
+
+    from lit_coupling.errors import UserError
+    from lit_coupling.trainer import strategy_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert strategy_for("fsdp", "gpu", "auto", num_nodes=2)._data_parallel_size == 8
+    assert strategy_for("fsdp", "cpu", "2")._data_parallel_size == 2
+    with pytest.raises(UserError, match="explicit process count"):
+        strategy_for("fsdp", "cpu", "auto")
