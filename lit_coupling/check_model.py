@@ -2,7 +2,8 @@
 
 Prints the family, the blocks, the MLP output projections with their shapes and storage orientation, the size
 and a memory estimate, then scores one cloze answer and takes its gradient on the target modules.
-Exit 0 when supported; 2 with a message naming the problem otherwise.
+Exit 0 when supported; 2 with a message naming the problem otherwise (an encoder or encoder–decoder is refused
+by name).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ SMOKE_PROMPT, SMOKE_ANSWER = "The capital of France is", "Paris"
 @dataclass
 class CheckOptions:
     model: str | None = None
-    """Hub id, local directory, or an embedded name (tiny-gpt2, tiny-llama)."""
+    """Hub id, local directory, a .gguf file, or an embedded name (tiny-gpt2, tiny-llama, smollm2-135m)."""
     layers: str | None = None
     """Layers to target: all (default), '4-8', '4,6,8'."""
     target_pattern: str | None = None
@@ -86,6 +87,7 @@ def describe(adapter: ModelAdapter, loaded) -> list[str]:
         f"{adapter.family.final_norm or 'none found'}",
         f"tokens       BOS {'prepended: ' + repr(tok.convert_ids_to_tokens(bos[0])) if bos else 'not prepended'}; "
         f"pad {tok.pad_token!r} ({tok.pad_token_id}), right padding",
+        bos_line(adapter, tok),
         f"parameters   {n_params / 1e6:,.1f}M in all; {n_target / 1e6:,.2f}M in the {len(adapter.layers)} target "
         f"modules",
         f"memory       weights fp32 {_gb(4 * n_params)}, bf16 {_gb(2 * n_params)}; MEMIT keeps one fp64 "
@@ -93,6 +95,12 @@ def describe(adapter: ModelAdapter, loaded) -> list[str]:
         f"weights",
     ]
     return lines
+
+
+def bos_line(adapter: ModelAdapter, tokenizer) -> str:
+    """The BOS decision every stage follows, and why (models.adapters.bos_decision)."""
+    decision = adapter.bos_decision(tokenizer)
+    return f"BOS rule     {decision.ids or 'none'} from {decision.source}: {decision.reason}"
 
 
 def _layer_text(layers: list[int]) -> str:
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                             epilog="lit-coupling check-model --list  prints the supported families and patterns.")
     parser.add_class_arguments(CheckOptions, None)
     parser.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
-                        help="Hub id, local directory, or embedded name")
+                        help="Hub id, local directory, .gguf file, or embedded name")
     args = parser.parse_args(argv)
     model_path = args.model_positional or args.model
     if not model_path:

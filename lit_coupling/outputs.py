@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +25,14 @@ COUPLING_ANALYSIS = "coupling_analysis.json"
 PIECE_HIDDEN = "piece_hidden.npy"  # final hidden state at the last prompt token (a baseline predictor)
 RIPPLE = "ripple_experiments.json"
 RIPPLE_PAIRS = "ripple_pairs.csv"
+EDIT_UPDATES = "edit_updates.pt"  # each edit's ΔW per edit layer as low-rank factors (U, V): ΔW = U Vᵀ
+EDIT_PREDICTORS = "edit_predictors.npz"  # (edit × piece) gradient predictors of ripple (analysis stage)
 CORRELATION = "correlation_analysis.json"
 PAIR_TABLE = "pair_table.csv"  # one row per (edit, piece): GradSim, ripple, baselines (analysis stage)
 HEATMAP = "coupling_heatmap.png"
 COMPREHENSIVE = "comprehensive_analysis.png"
 LAYER_PLOT = "coupling_by_layer.png"
+PREDICTOR_PLOT = "predictor_ranking.png"  # every predictor's ρ with ripple, ranked (analysis report)
 REPORT = "final_mvp_report.md"
 MANIFEST = "manifest.json"
 
@@ -56,6 +60,23 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
 
 
 atomic_write = _atomic  # public: for writers that stream their bytes (coupling_layers.npz layer by layer)
+
+# What `_atomic` names its temporary files: "." + target name + "." + mkstemp's 8 random characters + ".tmp".
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_temp_files(directory: str | Path, skip: tuple[str, ...] = ()) -> list[Path]:
+    """Delete the temporary files that killed atomic writes left in `directory` and its sub-folders.
+
+    A kill between `mkstemp` and `os.replace` leaves one; the target file itself is untouched (the previous complete
+    version, or none). Call it only when no other process is writing to the directory.
+    """
+    removed = []
+    for path in sorted(Path(directory).rglob(".*.tmp")):
+        if _TEMP_NAME.fullmatch(path.name) and path.is_file() and not any(part in skip for part in path.parts):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _jsonable(value: Any) -> Any:

@@ -6,9 +6,11 @@ its gradient, the ripple stage compares it before and after an edit, knowledge i
 
 from __future__ import annotations
 
+import inspect
 import re
 import string
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 
@@ -117,16 +119,135 @@ def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.logits
 
 
-@torch.no_grad()
-def score_batch(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """log P(answer | prompt) and teacher-forced exact match (every answer token is the argmax), on the CPU."""
-    logits = forward_logits(model, batch)
-    input_ids, answer_mask = (batch[k].to(logits.device) for k in ("input_ids", "answer_mask"))
+@lru_cache(maxsize=None)
+def takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def window_logits(model, batch: dict[str, torch.Tensor]):
+    """Logits at the `answer_window` positions only, with input_ids and answer_mask gathered alike.
+
+    The LM head then runs on a few positions per row, not the whole sequence (for SmolLM2's 49k vocabulary the
+    full B×T×V logits of a scoring batch are half a gigabyte). Models without `logits_to_keep` run whole.
+    Returns (logits (B, W, V), input_ids (B, W), answer_mask (B, W), positions (B, W)).
+    """
+    device = next(model.parameters()).device
+    positions = answer_window(batch).to(device)
+    input_ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    if takes_logits_to_keep(type(model)):
+        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False,
+                       logits_to_keep=positions).logits
+    else:
+        full = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+        logits = full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))
+    return logits, input_ids.gather(1, positions), batch["answer_mask"].to(device).gather(1, positions), positions
+
+
+def _window_scores(logits, input_ids, answer_mask, positions, lengths) -> dict:
+    """score_batch's results from the answer-window logits (see `window_logits`)."""
     token_logp, hit, rows = answer_token_logprobs(logits, input_ids, answer_mask)
     n = input_ids.shape[0]
     logp = torch.zeros(n, dtype=torch.float64, device=logits.device).index_add(0, rows, token_logp.double())
     misses = torch.zeros(n, dtype=torch.long, device=logits.device).index_add(0, rows, (~hit).long())
-    return {"logp": logp.cpu(), "tf_em": (misses == 0).cpu()}
+    t_rows, t_cols = answer_mask[:, 1:].nonzero(as_tuple=True)
+    picked = logits[:, :-1][t_rows, t_cols]  # (K, V): the logits predicting each answer token, in row order
+    argmax = picked.argmax(-1).cpu().tolist()
+    targets = input_ids[:, 1:][t_rows, t_cols]
+    ranks = (picked > picked.gather(-1, targets[:, None])).sum(-1).cpu().tolist()
+    last = (lengths.to(logits.device) - 1) - positions[:, 0]  # the last answer token, in the window
+    following = logits[torch.arange(n, device=logits.device), last].argmax(-1).cpu().tolist()
+    greedy: list[list[int]] = [[] for _ in range(n)]
+    rank = [0] * n
+    for row, token, r in zip(t_rows.cpu().tolist(), argmax, ranks):
+        if not greedy[row]:
+            rank[row] = r
+        greedy[row].append(token)
+    return {"logp": logp.cpu(), "tf_em": (misses == 0).cpu(), "rank": rank, "greedy": greedy, "next": following}
+
+
+@torch.no_grad()
+def score_batch(model, batch: dict[str, torch.Tensor]) -> dict:
+    """Teacher-forced scores of a batch of clozes, on the CPU:
+
+    logp: log P(answer | prompt) (every answer token); tf_em: every answer token is the argmax; rank: how many
+    tokens the model ranks above the answer's first token after the prompt (0: its top choice); greedy: per row,
+    the argmax after the prompt and after each answer token but the last (what greedy decoding picks while it
+    follows the answer); next: the argmax after the whole answer (the token greedy decoding adds next).
+    """
+    logits, input_ids, answer_mask, positions = window_logits(model, batch)
+    return _window_scores(logits, input_ids, answer_mask, positions, batch["lengths"])
+
+
+def _forward_params(model) -> set[str]:
+    return set(inspect.signature(type(model).forward).parameters)
+
+
+def supports_cached_scoring(model) -> bool:
+    """Decoding on from the scoring pass needs explicit position ids, a KV cache and `logits_to_keep`."""
+    params = _forward_params(model)
+    return {"position_ids", "use_cache", "logits_to_keep"} <= params and ("cache" in params
+                                                                          or "past_key_values" in params)
+
+
+class CachedScores:
+    """One teacher-forced pass over a batch of clozes (what `score_batch` gives: logp, tf_em, rank, greedy, next)
+    that keeps its KV cache, so greedy decoding can go on from any point of any row without running the prompt
+    again (`continue_greedy`). The batch is laid out as `score_batch`'s (right-padded), so the scores are the same.
+    """
+
+    @torch.no_grad()
+    def __init__(self, model, items: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        device = next(model.parameters()).device
+        self.lengths = [len(p) for p, _ in items]  # prompt lengths: where each row's answer starts
+        batch = collate_clozes(items, pad_id)
+        positions = answer_window(batch).to(device)
+        self.cache_kw = "cache" if "cache" in _forward_params(model) else "past_key_values"
+        self.mask = batch["attention_mask"].to(device)
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=self.mask, use_cache=True,
+                    logits_to_keep=positions)
+        self.cache = out.cache if self.cache_kw == "cache" else out.past_key_values
+        scores = _window_scores(out.logits, batch["input_ids"].to(device).gather(1, positions),
+                                batch["answer_mask"].to(device).gather(1, positions), positions, batch["lengths"])
+        self.logp, self.tf_em, self.rank = scores["logp"], scores["tf_em"], scores["rank"]
+        self.greedy, self.next = scores["greedy"], scores["next"]
+
+    @torch.no_grad()
+    def continue_greedy(self, keep: Sequence[int], first: Sequence[int], max_new: Sequence[int],
+                        eos_id: int | None) -> list[list[int]]:
+        """Greedy decoding of every row after its prompt + its first `keep[r]` answer tokens, whose next token is
+        `first[r]` (already known); `max_new[r]` new tokens at most (`first` included), stopping after EOS.
+
+        The cache of the teacher-forced pass is reused: the columns after the tokens a row keeps (the rest of its
+        answer, its padding) are masked out, new tokens go after the last column, and positions go on from the
+        tokens kept: what decoding from that point sees.
+        """
+        device = self.mask.device
+        n = len(keep)
+        mask = self.mask.clone()
+        for row, k in enumerate(keep):
+            mask[row, self.lengths[row] + k:] = 0
+        out: list[list[int]] = [[int(t)] for t in first]
+        done = [t == eos_id or max_new[r] <= 1 for r, t in enumerate(first)]
+        position = torch.tensor([self.lengths[r] + keep[r] for r in range(n)], device=device)
+        token = torch.tensor(list(first), device=device)
+        cache = self.cache
+        for _ in range(max(max_new) - 1):
+            if all(done):
+                break
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], 1)
+            result = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                                use_cache=True, **{self.cache_kw: cache})
+            cache = result.cache if self.cache_kw == "cache" else result.past_key_values
+            token = result.logits[:, -1].argmax(-1)
+            position = position + 1
+            for r, t in enumerate(token.tolist()):
+                if not done[r]:
+                    out[r].append(t)
+                    done[r] = t == eos_id or len(out[r]) >= max_new[r]
+            token = torch.where(torch.tensor(done, device=device), torch.full_like(token, self.pad_id), token)
+        self.cache = None  # grown past the teacher-forced pass: not reusable
+        return out
 
 
 def normalize_answer(text: str) -> str:

@@ -12,6 +12,9 @@ import torch
 
 from lit_coupling.errors import UserError
 
+# `--trainer.strategy` values the run's stages are written for ("fsdp" is FSDP2, see above).
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp")
+
 
 def accelerator_for(device: str, accelerator: str | None = None) -> str:
     if accelerator:

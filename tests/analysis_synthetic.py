@@ -2,7 +2,8 @@
 
 GradSim comes from random "gradients" that share a direction within a chain (so the matrix is a real cosine
 matrix, and per-layer inner products add up to it); the ripple of edit i on piece j is planted as
-|ΔlogP_j| = scale · exp(effect · GradSim(i, j) + edit effect + noise). The analysis code never sees `effect`.
+|ΔlogP_j| = scale · exp(effect · |GradSim(i, j)| + edit effect + noise), with GradSim's sign. The analysis code
+never sees `effect`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ KINDS = ("hop1", "hop2", "question")
 
 def write_synthetic_run(directory: Path, *, effect: float = 3.0, n_chains: int = 10, n_edits: int = 12,
                         n_layers: int = 3, width: int = 48, family: str = "gpt2", seed: int = 0,
-                        edit_spread: float = 0.3, noise: float = 0.5) -> Path:
+                        edit_spread: float = 0.3, noise: float = 0.5, countries: int = 3) -> Path:
+    """`countries`: the final answers (hop 2, question) name one of this many shared entities, so facts of
+    different chains are related too (a shared entity), as countries are in the default world."""
     rng = np.random.default_rng(seed)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -36,7 +39,8 @@ def write_synthetic_run(directory: Path, *, effect: float = 3.0, n_chains: int =
             prompt_ids, answer_ids = ids[kind]
             pieces.append({"id": f"c{c}/{kind}", "hotpot_id": f"c{c}", "chain_id": f"c{c}", "kind": kind,
                            "hop": 0 if kind == "question" else hop, "prompt": f"prompt {c} {kind}",
-                           "answer": f"answer {c} {kind}", "subject": f"subject {c}", "record_type": "bridge",
+                           "answer": f"answer {c} {kind}" if kind == "hop1" else f"country {c % countries}",
+                           "subject": f"subject {c}", "record_type": "bridge",
                            "links": [f"c{c}/{k}" for k in KINDS if k != kind],
                            "prompt_ids": [int(t) for t in prompt_ids], "answer_ids": answer_ids})
             chain_of.append(c)
@@ -69,8 +73,11 @@ def write_synthetic_run(directory: Path, *, effect: float = 3.0, n_chains: int =
     logp_before = rng.uniform(-3.0, -0.05, size=n)
     experiments = []
     for e, i in enumerate(rng.choice(n, size=n_edits, replace=False)):
-        size = np.exp(effect * coupling[i] + rng.normal(0, edit_spread) + rng.normal(0, noise, size=n))
-        delta = -0.05 * size
+        # Magnitude with magnitude, sign with sign: |ΔlogP_j| grows with |GradSim(i, j)|, and ΔlogP_j takes
+        # GradSim's sign (issue 13's conventions; the analysis is told neither).
+        size = np.exp(effect * np.abs(coupling[i]) + rng.normal(0, edit_spread) + rng.normal(0, noise, size=n))
+        sign = np.where(coupling[i] >= 0, 1.0, -1.0) if effect else rng.choice([-1.0, 1.0], size=n)
+        delta = 0.05 * size * sign
         delta[i] = -rng.uniform(4, 8)  # the edit itself: its true answer falls
         after = logp_before + delta
         em_before, em_after = logp_before > np.log(0.5), after > np.log(0.5)

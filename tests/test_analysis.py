@@ -85,7 +85,10 @@ def test_every_headline_number_recomputes_from_the_files(finished_run):
     result = json.loads((finished_run / outputs.CORRELATION).read_text())
     matrix = np.load(finished_run / outputs.COUPLING_MATRIX)
     ripple = json.loads((finished_run / outputs.RIPPLE).read_text())
-    x, y, per_edit = [], [], []
+    pieces = json.loads((finished_run / outputs.PIECES).read_text())["pieces"]
+    chains = [p["chain_id"] for p in pieces]
+    entities = [{p["subject"], p["answer"]} for p in pieces]
+    x, y, delta, related, per_edit = [], [], [], [], []
     for experiment in ripple["experiments"]:
         if experiment["status"] != "ok":
             continue
@@ -97,11 +100,23 @@ def test_every_headline_number_recomputes_from_the_files(finished_run):
         per_edit.append(sps.spearmanr(x_edit, y_edit).statistic)
         x.extend(x_edit)
         y.extend(y_edit)
-    headline = result["headline"]
-    assert result["counts"]["pairs"] == len(x) == headline["n"]
-    assert headline["spearman"]["value"] == pytest.approx(sps.spearmanr(x, y).statistic, abs=1e-9)
-    assert headline["pearson"]["value"] == pytest.approx(sps.pearsonr(x, y).statistic, abs=1e-6)
-    assert headline["kendall"]["value"] == pytest.approx(sps.kendalltau(x, y).statistic, abs=1e-9)
+        delta.extend(after[others] - before[others])
+        related.extend(chains[j] == chains[i] or bool(entities[i] & entities[j]) for j in others)
+    x, y, delta, related = map(np.array, (x, y, delta, related))
+    # Issue 13: the headline is on related facts, magnitude with magnitude (|GradSim| vs |ΔlogP|), signed beside it
+    headline, all_pairs = result["headline"], result["all_pairs"]
+    assert headline["stratum"] == "related" and headline["n"] == related.sum() == result["counts"]["related_pairs"]
+    assert result["counts"]["pairs"] == len(x) == all_pairs["n"]
+    ax, ay = np.abs(x[related]), y[related]
+    assert headline["spearman"]["value"] == pytest.approx(sps.spearmanr(ax, ay).statistic, abs=1e-9)
+    assert headline["pearson"]["value"] == pytest.approx(sps.pearsonr(ax, ay).statistic, abs=1e-6)
+    assert headline["kendall"]["value"] == pytest.approx(sps.kendalltau(ax, ay).statistic, abs=1e-9)
+    assert headline["signed"]["spearman"]["value"] == pytest.approx(
+        sps.spearmanr(x[related], delta[related]).statistic, abs=1e-9)
+    assert all_pairs["spearman"]["value"] == pytest.approx(sps.spearmanr(np.abs(x), y).statistic, abs=1e-9)
+    table = result["predictor_table"]["strata"]
+    assert table["all"]["magnitude"]["gradsim"]["rho"] == pytest.approx(all_pairs["spearman"]["value"])
+    assert table["all"]["signed"]["gradsim"]["rho"] == pytest.approx(sps.spearmanr(x, delta).statistic, abs=1e-9)
     assert [e["spearman"] for e in result["per_edit"]["edits"]] == pytest.approx(per_edit)
     matrix_hash = outputs.sha256_file(finished_run / outputs.COUPLING_MATRIX)
     assert result["inputs"][outputs.COUPLING_MATRIX] == matrix_hash
@@ -112,7 +127,7 @@ def test_default_path_writes_all_outputs_and_finds_the_planted_relation(finished
     assert result["settings"]["bootstrap"] == 1000 and result["settings"]["permutations"] == 1000
     low, high = result["headline"]["spearman"]["ci"]
     assert 0 < low < result["headline"]["spearman"]["value"] < high
-    assert result["headline"]["permutation"]["p"] < 0.01
+    assert result["all_pairs"]["permutation"]["p"] < 0.01  # issue 13: the two-way test, on all pairs
     assert result["verdict"]["conclusion"] == "supported"
     chain = result["strata"]["chain"]
     assert chain["same chain"]["mean_gradsim"] > chain["other chains"]["mean_gradsim"]
@@ -140,7 +155,7 @@ def test_no_planted_relation_is_not_reported_as_support(tmp_path):
     run = load_run(write_synthetic_run(tmp_path / "run", effect=0.0, seed=5))
     result = analyse_run(run, AnalysisOptions(bootstrap=200, permutations=200), seed=0)[1]
     assert result["verdict"]["conclusion"] != "supported"
-    assert result["headline"]["permutation"]["p"] > 0.05
+    assert result["all_pairs"]["permutation"]["p"] > 0.05  # issue 13: the two-way test, on all pairs
 
 
 def test_caveats_name_what_applies(tmp_path):

@@ -56,6 +56,38 @@ def test_non_causal_model(tmp_path):
     assert "is not a causal language model" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("kind", ["bert", "t5"])
+def test_encoders_and_encoder_decoders_are_refused(kind, tmp_path):
+    """AutoModelForCausalLM would load BERT as BertLMHeadModel; an encoder must still be refused, by name."""
+    import transformers as T
+
+    if kind == "bert":
+        T.BertModel(T.BertConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                 vocab_size=50)).save_pretrained(tmp_path)
+        expected = "it is BertModel (model_type 'bert'), an encoder"
+    else:
+        T.T5ForConditionalGeneration(T.T5Config(num_layers=1, d_model=32, d_ff=64, num_heads=2, d_kv=16,
+                                                vocab_size=50)).save_pretrained(tmp_path)
+        expected = "it is T5ForConditionalGeneration (model_type 't5'), an encoder–decoder"
+    result = _cli(str(tmp_path))
+    assert result.returncode == 2
+    assert "is not a causal language model" in result.stderr and expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_stage_refuses_an_encoder(tmp_path):
+    """The stages load through load_config (the pieces stage reads only config and tokenizer) or load_model."""
+    from transformers import BertConfig, BertModel
+
+    from lit_coupling.models.loading import ModelLoadError, load_config, load_model
+
+    BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                         vocab_size=50)).save_pretrained(tmp_path)
+    for load in (load_config, load_model):
+        with pytest.raises(ModelLoadError, match=r"not a causal language model: it is BertModel"):
+            load(str(tmp_path))
+
+
 def test_model_without_an_mlp_output_projection(tmp_path):
     from transformers import AutoModelForCausalLM, OlmoConfig
 

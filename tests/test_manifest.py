@@ -24,10 +24,16 @@ pieces_stage, gradsim_stage, ripple_stage, analysis_stage, report_stage = (
     _stage(n) for n in ("pieces", "gradsim", "ripple", "analysis", "report"))
 
 
+def use_fake_stages(monkeypatch):
+    monkeypatch.setattr(run_module, "STAGES", {n: f"tests.test_manifest:{n}_stage" for n in run_module.STAGE_ORDER})
+    # The stand-in stages open neither data nor model: nothing for the pre-flight checks to open either.
+    monkeypatch.setattr("lit_coupling.preflight.check_inputs", lambda cfg, stages: None)
+
+
 @pytest.fixture
 def fake_stages(monkeypatch):
     CALLS.clear()
-    monkeypatch.setattr(run_module, "STAGES", {n: f"tests.test_manifest:{n}_stage" for n in run_module.STAGE_ORDER})
+    use_fake_stages(monkeypatch)
 
 
 def config(tmp_path, **overrides):
@@ -72,7 +78,7 @@ def test_a_killed_stage_is_rerun(tmp_path, fake_stages, monkeypatch):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"pieces", "gradsim"}
     monkeypatch.undo()
-    monkeypatch.setattr(run_module, "STAGES", {n: f"tests.test_manifest:{n}_stage" for n in run_module.STAGE_ORDER})
+    use_fake_stages(monkeypatch)
     CALLS.clear()
     run_module.run(config(tmp_path))
     assert CALLS == ["ripple", "analysis", "report"]

@@ -138,3 +138,68 @@ def test_corpora(tmp_path):
         resolve_corpus("hotpot", None)
     with pytest.raises(UserError, match="not a file"):
         resolve_corpus(str(tmp_path / "missing.txt"))
+
+
+def test_texts_are_counted_beside_tokens(setup, tmp_path):
+    """cov_tokens counts tokens; the reference's mom2_n_samples counts texts: both are recorded."""
+    from lit_coupling.editing.covariance import texts_read
+
+    adapter, tok = setup
+    _, metas = key_covariances(adapter, tok, [0], corpus(), 200, tmp_path, "m", max_length=16, batch_size=4,
+                               progress=False)
+    lengths = [len(tok(d, add_special_tokens=False)["input_ids"]) for d in DOCS]
+    expected = next(i + 1 for i in range(len(DOCS)) if sum(lengths[: i + 1]) >= 200)
+    assert metas[0]["texts"] == expected
+    assert texts_read([(0, 10), (0, 6), (1, 10), (2, 4)], 17) == 2
+    assert texts_read([(0, 10)], 50) == 1 and texts_read([], 5) == 0
+
+
+def test_short_texts_share_a_batch_by_padded_area():
+    tok = train_bpe_tokenizer(TEXTS, vocab_size=320, style="gpt2")
+    batches = list(token_batches(tok, TEXTS[:40], [], 64, 4))
+    assert all(len(b) * max(map(len, b)) <= 4 * 64 for b in batches)
+    assert max(map(len, batches)) > 4  # more than batch_size short windows in one batch
+    assert [w for b in batches for w in b] == [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS[:40]]
+
+
+def test_condition_number_and_tokens_per_dimension():
+    from lit_coupling.editing.covariance import MIN_TOKENS_PER_DIM, covariance_quality, covariance_totals
+
+    torch.manual_seed(0)
+    scales = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    keys = torch.randn(4000, 4, dtype=torch.float64) * scales
+    c = keys.T @ keys / len(keys)
+    q = covariance_quality(c, 4000, 300)
+    eig = torch.linalg.eigvalsh(c)
+    assert q["condition_number"] == pytest.approx(float(eig[-1] / eig[0]))
+    assert 40 < q["condition_number"] < 90  # ≈ (8/1)² = 64: the scales' spread, squared
+    assert q["tokens_per_dim"] == 1000 and q["texts"] == 300 and q["well_estimated"]
+    with pytest.warns(UserWarning, match="per dimension"):
+        few = covariance_quality(c, int(MIN_TOKENS_PER_DIM * 4) - 1)
+    assert not few["well_estimated"]
+    singular = keys[:2].T @ keys[:2]  # rank 2 in 4 dimensions
+    with pytest.warns(UserWarning, match="singular"):
+        assert covariance_quality(singular, 4000)["condition_number"] is None
+    totals = covariance_totals({"0": q, "1": few})
+    assert totals["min_tokens_per_dim"] == few["tokens_per_dim"] and totals["texts"] == 300
+
+
+def test_a_synthetic_world_gives_endless_text_of_its_kind(tmp_path):
+    import itertools
+
+    from lit_coupling.data.world import WorldSpec, generate_world, write_world
+
+    world_file, _ = write_world(WorldSpec(chains=5, seed=3), tmp_path / "w.json")
+    corpus = resolve_corpus("hotpot", world_file)
+    assert corpus.name == "world-text:w.json"
+    texts = list(itertools.islice(corpus.documents(), 3000))
+    world = generate_world(WorldSpec(chains=5, seed=3))
+    own = {s for f in world.facts for s in f.paraphrases()}
+    first_round = len(own) * 8  # every fact, template and training prefix
+    assert {t.split(": ")[-1].split("? ")[-1] for t in texts[:first_round]} == own
+    assert len(set(texts)) > first_round  # then further worlds (seeds 4, 5, ...), as long as asked
+    assert list(itertools.islice(corpus.documents(), 50)) == texts[:50]  # seeded
+    # any other HotpotQA file stays its context paragraphs
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([{"_id": "a", "context": [["T", ["One.", " Two."]]]}]))
+    assert list(resolve_corpus("hotpot", plain).documents()) == ["One. Two."]

@@ -1,6 +1,8 @@
 """MEMIT's pieces on small tensors and random tiny models: the update, the shortcut forward, keys, requests,
 hparams."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -316,3 +318,24 @@ def test_auto_hparams_pick_by_shape_and_scale_lambda_with_key_dimension():
     hp = resolve_hparams("auto", adapter, "1,2")
     assert hp.layers == [1, 2] and "overridden" in hp.source
     assert resolve_hparams(MemitHparams(layers=[-1]), adapter).layers == [3]
+
+
+def test_published_sets_use_no_shrinkage_and_deviations_name_every_departure():
+    from lit_coupling.editing.hparams import PAPER, deviations
+
+    sets = shipped_hparams()
+    for name, hp in sets.items():
+        assert str(hp.mom2_shrinkage) == "none", name  # the published algorithm, in every shipped set
+    for name in PAPER:
+        assert deviations(sets[name]) == [], name  # a PUBLISHED set is the paper's, value for value
+        for key, value in PAPER[name].items():
+            assert getattr(sets[name], key) == value, (name, key)
+    shrunk = replace(sets["gpt2-xl"], mom2_shrinkage="ledoit-wolf")
+    assert any(d.startswith("mom2_shrinkage = 'ledoit-wolf'") for d in deviations(shrunk))
+    moved = replace(sets["llama-2-7b"], layers=[5, 6], source=sets["llama-2-7b"].source + "; layers overridden")
+    assert any(d.startswith("layers = [5, 6]") for d in deviations(moved))
+    tiny = deviations(sets["tiny-gpt2"], {"corpus": "world-text:w.json", "tokens": 100000, "texts": 7790})
+    assert any("not published" in d for d in tiny) and any("fact_token" in d for d in tiny)
+    assert any("100000 tokens (7790 texts)" in d and "counts texts" in d for d in tiny)
+    derived = deviations(sets["gpt2"])
+    assert len(derived) == 1 and "derived from gpt2-xl" in derived[0]

@@ -24,7 +24,7 @@ from lit_coupling.editing.ripple import build_probes, score_pieces
 from lit_coupling.editing.snapshot import restored_after, state_checksum
 from lit_coupling.models.adapters import ModelAdapter
 from lit_coupling.models.loading import load_model
-from lit_coupling.outputs import RIPPLE, RIPPLE_PAIRS
+from lit_coupling.outputs import EDIT_UPDATES, RIPPLE, RIPPLE_PAIRS
 from lit_coupling.scoring import generated_exact_match, greedy_continuations
 from lit_coupling.trainer import build_trainer
 from tests.editing_world import WORLD_HPARAMS, make_run, train_world_model, world_hparams_file
@@ -180,6 +180,14 @@ def test_the_experiment_loop_leaves_every_weight_as_it_was_and_writes_the_ripple
         assert e["locality"]["other_chains"]["n"] + e["locality"]["same_chain"]["n"] == n - 1
         assert e["generalisation"]["piece"].endswith("/question")
     assert doc["summary"]["edits"] == EDITS and doc["summary"]["efficacy_generated"] >= 0.5
+    # Every piece scored once before editing; sources drawn from the facts the model knows, typed counterfactuals
+    baseline = doc["baseline"]
+    assert baseline["criterion"] == "generated" and baseline["known"] == fresh.gen_em
+    assert baseline["logp"] == doc["experiments"][0]["pieces"]["logp_before"]
+    assert baseline["n_known"] == sum(fresh.gen_em) and doc["requests"]["known"] <= doc["requests"]["sources"]
+    for e in doc["experiments"]:
+        assert baseline["known"][e["source_index"]] and e["efficacy"]["known_before"]
+        assert e["answer_type"] == "country" or e["answer_type"] == "relation"  # cities: the shared relation
     with open(out / RIPPLE_PAIRS) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == EDITS * n
@@ -237,7 +245,9 @@ def single_process_run(world):
     torch.set_num_threads(1)
     result = ripple_stage(cfg, out)
     assert (
-        sorted(Path(f).name for f in result.files) == [RIPPLE, RIPPLE_PAIRS] and "4 edits" in result.summary
+        # issue 13: each edit's ΔW factors too (edit_updates.pt)
+        sorted(Path(f).name for f in result.files) == [EDIT_UPDATES, RIPPLE, RIPPLE_PAIRS]
+        and "4 edits" in result.summary
     )
     return out
 
@@ -311,3 +321,31 @@ def test_ddp_with_two_processes_gives_the_same_ripple_table(world, single_proces
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert comparable(out) == comparable(single_process_run)
+
+
+def test_greedy_match_from_the_teacher_forced_pass_equals_decoding_every_piece(world):
+    """score_clozes decodes only the items one teacher-forced pass cannot settle; the greedy answer match must
+    equal decoding every item (answer length + EXTRA_GENERATED_TOKENS) — on the true answers, which the model
+    knows, and on wrong ones (a neighbour's answer, a truncated and an extended answer)."""
+    from lit_coupling.editing.ripple import EXTRA_GENERATED_TOKENS, score_clozes
+    from lit_coupling.scoring import encode_cloze
+
+    loaded = load_model(str(world["model"]), dtype="float32", device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    pieces, meta = load_pieces(world["pieces"])
+    bos = meta["tokenizer"]["bos_ids"]
+    items, answers = [], []
+    for k, piece in enumerate(pieces[:30]):
+        other = pieces[(k + 3) % len(pieces)].answer
+        for answer in (piece.answer, other, piece.answer[:2], piece.answer + " Hill"):
+            items.append(encode_cloze(tok, piece.prompt, answer, bos))
+            answers.append(answer)
+    pad = meta["tokenizer"]["pad_id"]
+    fast, _ = score_clozes(model, tok, items, answers, 16, pad)
+    slow = []
+    for (prompt, answer_ids), answer in zip(items, answers):
+        ids = greedy_continuations(model, [prompt], len(answer_ids) + EXTRA_GENERATED_TOKENS, pad, tok.eos_token_id)
+        slow.append(generated_exact_match(tok, ids[0], answer))
+    assert fast.gen_em == slow
+    assert 0 < sum(slow) < len(slow)  # both outcomes are exercised
+    assert all(r == 0 for r, tf in zip(fast.rank, fast.tf_em) if tf)

@@ -1,24 +1,39 @@
 """Knowledge pieces: prefix clozes, each hop with its own answer, subjects inside prompts, skips with reasons."""
 
 import json
+from collections import Counter
 
 import pytest
 
 from lit_coupling.data.hotpotqa import read_hotpotqa, real_sample_file
 from lit_coupling.data.pieces import (
+    ANSWER_ENTITY,
+    ANSWER_NOT_FOUND,
     BRIDGE_NOT_FOUND,
+    DANGLING_BRACKET,
+    DANGLING_PUNCT,
+    DANGLING_QUOTE,
+    DESCRIBED,
     MISSING_SENTENCE,
     MISSING_TITLE,
+    NO_SUBJECT,
+    NO_VERB,
     QUESTION_PROMPT,
     TOO_LONG,
+    _Search,
+    answer_forms,
     check_piece_text,
+    entity_names,
     extract_pieces,
+    piece_defects,
     record_pieces,
+    restatements,
     restore_subject,
+    statement_problem,
     tokenize_pieces,
 )
 from lit_coupling.inject.tokenizer import train_bpe_tokenizer
-from lit_coupling.scoring import cloze_text
+from lit_coupling.scoring import cloze_text, normalize_answer
 from tests.conftest import shared_path
 
 SAMPLE40 = ("data", "hotpotqa", "hotpot_dev_distractor_v1.sample40.json")
@@ -131,7 +146,15 @@ def test_sample40_bridge_hops_have_different_answers(sample40):
     assert len(bridges) >= 10
     for chain in bridges:
         assert chain["hop1"].answer != chain["hop2"].answer
-        assert chain["hop2"].answer == " ".join(chain["question"].answer.split())
+        answer = " ".join(chain["question"].answer.split())
+        if chain["hop2"].shape == ANSWER_ENTITY:  # hop 2 is the answer entity's own fact (issue 14)
+            record_ = next(r for r in sample40 if r["id"] == chain["hop2"].hotpot_id)
+            context = dict(zip(record_["context"]["title"], record_["context"]["sentences"]))
+            opening = context[chain["hop2"].source_title][0]
+            names = {normalize_answer(n) for n in entity_names(chain["hop2"].source_title, opening)}
+            assert normalize_answer(answer) in names or normalize_answer(opening).startswith(normalize_answer(answer))
+        else:
+            assert chain["hop2"].answer == answer
         # hop 2 is about the bridge entity hop 1 answers with
         assert chain["hop2"].subject in chain["hop2"].prompt
 
@@ -174,3 +197,266 @@ def test_sample40_counts(sample40):
     assert counts["pieces"] == sum(counts["by_kind"].values())
     assert counts["by_kind"]["question"] == counts["records_with_pieces"]
     print(json.dumps({"counts": counts, "skipped": result.skipped()}, indent=1))
+
+
+# --- issue 14: the shapes of real bridge questions, the statement filter, comparisons, drops by reason -----------
+
+
+def two_paragraphs(question: str, answer: str, first: tuple[str, list[str], int], second: tuple[str, list[str], int],
+                   kind: str = "bridge") -> dict:
+    """A record of two supporting paragraphs (title, sentences, supporting sentence index)."""
+    return {"id": "t", "question": question, "answer": answer, "type": kind, "level": "hard",
+            "supporting_facts": {"title": [first[0], second[0]], "sent_id": [first[2], second[2]]},
+            "context": {"title": [first[0], second[0]], "sentences": [first[1], second[1]]}}
+
+
+def by_kind(record_: dict):
+    pieces, skips = record_pieces(record_)
+    return {p.kind + ("" if p.kind != "compare" else p.id[-1]): p for p in pieces}, skips
+
+
+def test_the_answer_entity_shape_links_the_other_paragraph_to_it_and_keeps_its_own_fact():
+    """The answer is a paragraph's title: hop 1 is the other paragraph's sentence naming it, hop 2 the answer
+    entity's own fact the question describes it by; each hop has its own answer."""
+    pieces, skips = by_kind(two_paragraphs(
+        "Which screenwriter co-wrote a film starring Nora Vell?", "Tam Oduya",
+        ("Tam Oduya", ["Tam Oduya is a screenwriter and director."], 0),
+        ("Glass Harbor", ["Glass Harbor is a 2001 film starring Nora Vell, written by Tam Oduya."], 0)))
+    assert not skips
+    assert (pieces["hop1"].prompt, pieces["hop1"].answer, pieces["hop1"].subject) == \
+           ("Glass Harbor is a 2001 film starring Nora Vell, written by", "Tam Oduya", "Glass Harbor")
+    assert (pieces["hop2"].prompt, pieces["hop2"].answer) == ("Tam Oduya is a", "screenwriter")
+    assert pieces["hop1"].shape == pieces["hop2"].shape == ANSWER_ENTITY
+    assert pieces["question"].answer == "Tam Oduya"
+
+
+@pytest.mark.parametrize("title, opening, written", [
+    ("Winner (band)", "Winner, often stylized as WINNER, is a boy group formed by Yoon Entertainment.", "WINNER"),
+    ("The Pale Riders", "The Pale Riders is a boy group formed by Yoon Entertainment.", "Pale Riders"),
+    ("Dunmore Rovers F.C.", "Dunmore Rovers F.C. is a club formed by Yoon Entertainment.", "Dunmore Rovers"),
+    ("Brill County, Ohio", "Brill County is a county formed by Yoon Entertainment.", "Brill County"),
+    ("Ada Kestrel", "Ada Kestrel (born 3 May 1950) was formed by Yoon Entertainment.", "Kestrel"),
+])
+def test_the_bridge_entity_is_found_by_a_shorter_or_longer_form_of_its_title(title, opening, written):
+    pieces, skips = by_kind(two_paragraphs(
+        "Who formed the act of the album Blue Hour?", "Yoon Entertainment",
+        ("Blue Hour", [f"Blue Hour is the debut album of {written}."], 0), (title, [opening], 0)))
+    assert not skips and pieces["hop1"].answer == written
+    assert (pieces["hop2"].answer, pieces["hop2"].prompt.endswith("formed by")) == ("Yoon Entertainment", True)
+
+
+def test_a_bridge_in_a_relative_clause_after_the_hop1_subject():
+    pieces, skips = by_kind(two_paragraphs(
+        "Where was the manager who signed Col Brea born?", "Ardlow",
+        ("Col Brea", ["Col Brea, who was signed by Fergus Lane, played for Dunmore Rovers."], 0),
+        ("Fergus Lane", ["Fergus Lane is a manager.", "He was born in Ardlow."], 1)))
+    assert not skips
+    assert (pieces["hop1"].prompt, pieces["hop1"].answer) == ("Col Brea, who was signed by", "Fergus Lane")
+    assert pieces["hop2"].prompt == "Fergus Lane was born in"
+
+
+def test_an_answer_before_the_bridge_is_cut_only_where_the_prefix_is_a_statement():
+    """"Oh Dear" is a song released in 1999 on the soundtrack to Last Days": hop 2 is cut at the answer, about the
+    song; the hop-1 paragraph (named after the answer) gives the fact the question describes it by."""
+    statement = two_paragraphs(
+        "In what year was a song released for the film starring Vic Mara?", "1999",
+        ("Last Days", ["Last Days is a film starring Vic Mara."], 0),
+        ("Oh Dear", ['"Oh Dear" is a song released in 1999 on the soundtrack to the film Last Days.'], 0))
+    pieces, skips = by_kind(statement)
+    assert not skips and pieces["hop2"].shape == DESCRIBED
+    assert (pieces["hop2"].prompt, pieces["hop2"].subject) == ('"Oh Dear" is a song released in', "Oh Dear")
+    assert (pieces["hop1"].prompt, pieces["hop1"].answer) == ("Last Days is a film starring", "Vic Mara")
+    aside = two_paragraphs(statement["question"], "1999", ("Last Days", ["Last Days is a film starring Vic Mara."], 0),
+                           ("Oh Dear", ['"Oh Dear" (a song, 1999) is on the soundtrack to the film Last Days.'], 0))
+    pieces, skips = by_kind(aside)
+    assert pieces == {} and [s.reason for s in skips] == [DANGLING_BRACKET]
+
+
+@pytest.mark.parametrize("prompt, subject, problem", [
+    ("Pirate's Cove (in", "Pirate's Cove", DANGLING_BRACKET),
+    ('Blue Hour is the second companion book to the "', "Blue Hour", DANGLING_QUOTE),
+    ("Ada Kestrel was born in Ulm,", "Ada Kestrel", DANGLING_PUNCT),
+    ("Last Days, starring", "Last Days", NO_VERB),
+    ("The Esma Mansion, a yali located at", "The Esma Mansion", NO_VERB),  # a participle alone: an apposition
+    ("It was born in", "Ada Kestrel", NO_SUBJECT),
+    ("Ada Kestrel was born in", "Ada Kestrel", None),
+    ("The team competes in the", "The team", None),
+    ("Ada Kestrel's other roles included", "Ada Kestrel", None),
+    ("Fergus Lane, who managed", "Fergus Lane", None),
+])
+def test_the_cloze_statement_filter(prompt, subject, problem):
+    assert statement_problem(prompt, subject) == problem
+
+
+def test_every_dropped_candidate_and_piece_is_counted_by_reason():
+    record_ = two_paragraphs(
+        "In which city was the sculptor of The Veil born?", "Ulm",
+        ("The Veil", ['The Veil (by Ada Kestrel) is a statue.', "The Veil is a statue made by Ada Kestrel."], 1),
+        ("Ada Kestrel", ["Ada Kestrel (born in Ulm) was a sculptor.", "She was born in Ulm."], 1))
+    record_["supporting_facts"] = {"title": ["The Veil", "The Veil", "Ada Kestrel", "Ada Kestrel"],
+                                   "sent_id": [0, 1, 0, 1]}
+    result = extract_pieces([record_])
+    assert not result.skips and [p.answer for p in result.pieces[:2]] == ["Ada Kestrel", "Ulm"]
+    # turned down: "The Veil (by" → "Ada Kestrel", "The Veil (by Ada" → "Kestrel" (her family name), "(born in"
+    assert result.rejected_candidates() == {DANGLING_BRACKET: 3}
+    assert extract_pieces([record_, dict(record_, id="u", answer="Bonn")]).skipped() == {ANSWER_NOT_FOUND: 1}
+
+
+def test_an_answer_inside_a_name_or_already_in_the_prompt_is_no_cloze():
+    assert by_kind(two_paragraphs(
+        "Where is the university of the band Slow Tide?", "Kansas",
+        ("Slow Tide", ["Slow Tide is a band formed at the University of Kansas."], 0),
+        ("University of Kansas", ["The University of Kansas is a university in Kansas City."], 0)))[0] == {}
+    pieces, _ = by_kind(two_paragraphs(
+        "What is the campus of the university of Slow Tide on?", "Mount Oread",
+        ("Slow Tide", ["Slow Tide is a band formed at Kestrel University."], 0),
+        ("Kestrel University", ["Kestrel University is on Mount Oread, the highest point of Mount Oread."], 0)))
+    assert pieces["hop2"].prompt == "Kestrel University is on"
+
+
+def test_numbers_and_dates_are_matched_in_either_form():
+    assert answer_forms("9,984") == ["9,984", "9984"]
+    assert answer_forms("31 December 1941") == ["31 December 1941", "December 31, 1941"]
+    pieces, skips = by_kind(two_paragraphs(
+        "How many people live in the county of Brill Lake?", "9,984",
+        ("Brill Lake", ["Brill Lake is a lake in Brill County."], 0),
+        ("Brill County", ["Brill County is a county.", "As of the 2010 census, the county population was 9984."], 1)))
+    assert not skips and (pieces["hop2"].prompt, pieces["hop2"].answer) == \
+           ("As of the 2010 census, Brill County population was", "9984")  # "the county" restored
+
+
+def test_comparisons_find_each_entitys_own_value_in_any_supporting_sentence():
+    located = two_paragraphs(
+        "Are the Tulip Mosque and Vell Mansion located in the same neighborhood?", "no",
+        ("Tulip Mosque", ["Tulip Mosque is a mosque.", "It is located in Laleli, Fatih, Istanbul."], 1),
+        ("Vell Mansion", ["Vell Mansion is a mansion located in Ortakoy."], 0), kind="comparison")
+    pieces, skips = by_kind(located)
+    assert not skips
+    assert (pieces["compare1"].prompt, pieces["compare1"].answer) == ("Tulip Mosque is located in",
+                                                                      "Laleli, Fatih, Istanbul")
+    assert (pieces["compare2"].prompt, pieces["compare2"].answer) == ("Vell Mansion is a mansion located in", "Ortakoy")
+    both = two_paragraphs("Are Ada Kestrel and Tom Brill both opera composers?", "yes",
+                          ("Ada Kestrel", ["Ada Kestrel was an Italian opera composer."], 0),
+                          ("Tom Brill", ["Tom Brill was a French composer, best known for Mignon."], 0),
+                          kind="comparison")
+    pieces, _ = by_kind(both)
+    assert [(p.prompt, p.answer) for k, p in sorted(pieces.items()) if k != "question"] == \
+           [("Ada Kestrel was an Italian", "opera composer"), ("Tom Brill was a French", "composer")]
+
+
+def test_life_dates_in_the_opening_bracket_are_restated_as_a_birth_statement():
+    pieces, skips = by_kind(two_paragraphs(
+        "Who is older, Ada Kestrel or Tom Brill?", "Tom Brill",
+        ("Ada Kestrel", ["Ada Kestrel (born July 16, 1966) is an American director."], 0),
+        ("Tom Brill", ["Thomas Brill (10 October 1924 – 10 December 1978) was a writer.", "He wrote plays."], 0),
+        kind="comparison"))
+    assert not skips
+    first, second = pieces["compare1"], pieces["compare2"]
+    assert (first.prompt, first.answer, first.source_sentence) == \
+           ("Ada Kestrel was born on", "July 16, 1966", "Ada Kestrel was born on July 16, 1966.")
+    assert first.original_sentence == "Ada Kestrel (born July 16, 1966) is an American director."
+    assert (second.prompt, second.answer) == ("Thomas Brill was born on", "10 October 1924")
+    for piece in (first, second):
+        assert piece_defects(piece) == []
+
+
+def test_knowledge_pieces_json_keeps_the_counts_and_the_stage_prints_them(capsys):
+    from lit_coupling.data.stage import drop_table, pieces_document
+
+    class Tokenizer:
+        name_or_path, pad_token_id = "t", 0
+
+    extraction = extract_pieces([record(), record(id="x", answer="Bonn")])
+    doc = pieces_document(extraction, {}, {}, Tokenizer(), [], 0)
+    assert doc["skipped"] == {ANSWER_NOT_FOUND: 1} and "rejected_candidates" in doc
+    assert doc["counts"]["bridge_records"] == 2 and doc["counts"]["bridge_two_hops"] == 1
+    table = drop_table(doc)
+    assert "records with at least one piece: 1/2 (50%)" in table and "bridge chains with both hops: 1/2" in table
+    assert ANSWER_NOT_FOUND in table.splitlines()[3]
+
+
+@pytest.mark.parametrize("sentence, answer, restated, prompt", [
+    ('Blue Hour is the second book of the "Slow Tide" series.', "Slow Tide",
+     "Blue Hour is the second book of the Slow Tide series.", "Blue Hour is the second book of the"),
+    ("Glass Harbor is a film written by Ann Lee, Bo Vance, Tam Oduya and Cy Rees.", "Tam Oduya",
+     "Glass Harbor is a film written by Tam Oduya and Cy Rees.", "Glass Harbor is a film written by"),
+    ("Tam Oduya is the composer of Blue Hour.", "Tam Oduya", "The composer of Blue Hour is Tam Oduya.",
+     "The composer of Blue Hour is"),
+    ("Ada Kestrel (born 3 May 1950 in Ulm) was a sculptor.", "1950", "Ada Kestrel was born in 1950.",
+     "Ada Kestrel was born in"),
+    ("Ada Kestrel (born 3 May 1950 in Ulm) was a sculptor.", "Ulm", "Ada Kestrel was born in Ulm.",
+     "Ada Kestrel was born in"),
+    ("Ada Kestrel (3 May 1950 – 9 June 2001) was a sculptor.", "9 June 2001", "Ada Kestrel died on 9 June 2001.",
+     "Ada Kestrel died on"),
+])
+def test_a_cut_that_is_no_statement_is_restated_with_the_answer_last(sentence, answer, restated, prompt):
+    """Quotes around a title, earlier list items, a copula with the answer first, a date in the opening bracket."""
+    search = _Search(Counter())
+    i = sentence.index(answer)
+    cloze = search.cloze(sentence, i, i + len(answer), ["Blue Hour", "Glass Harbor", "Ada Kestrel"], person=True)
+    assert (cloze.sentence, cloze.prompt, cloze.answer, cloze.original) == (restated, prompt, answer, sentence)
+    assert search.rejected == Counter()  # a restated cloze is kept, not dropped
+
+
+def test_life_dates_are_restated_only_for_a_person():
+    """A war has life dates too: "(1917 – 1922)" says nothing about anyone being born or dying."""
+    sentence = "The Long War (7 November 1917 – October 1922) was a war."
+    i = sentence.index("October 1922")
+    assert restatements(sentence, i, i + 12, person=False) == []
+    assert restatements(sentence, i, i + 12, person=True) == [("The Long War died in October 1922.", 21, 33)]
+
+
+def test_a_later_sentence_naming_the_entity_by_its_kind_or_family_name_is_about_it():
+    """"The arena ..." (the opening files the entity under "arena"), "Kestrel wrote ..." (a person: "she")."""
+    opening = "Colisee Hall is a multi-purpose arena in Lewiston."
+    assert restore_subject("The arena opened in 1958.", "Colisee Hall", opening) == "Colisee Hall opened in 1958."
+    assert restore_subject("In May 1960, the arena opened.", "Colisee Hall", "Colisee Hall is an arena.") \
+        == "In May 1960, Colisee Hall opened."
+    pieces, skips = by_kind(two_paragraphs(
+        "Where does the author of Blue Hour live?", "Ardlow",
+        ("Blue Hour", ["Blue Hour is a novel by Ada Kestrel."], 0),
+        ("Ada Kestrel", ["Ada Kestrel is a novelist.", "Kestrel has lived in Ardlow since 1990.", "She writes."], 1)))
+    assert not skips and (pieces["hop2"].prompt, pieces["hop2"].subject) == ("Kestrel has lived in", "Kestrel")
+
+
+def test_a_bridge_written_in_a_longer_form_is_taken_whole():
+    pieces, skips = by_kind(two_paragraphs(
+        "In what years did the president in office during the Veil Act serve?", "1969 until 1974",
+        ("Veil Act", ["The Veil Act was signed during the Richard Nixon administration."], 0),
+        ("Nixon", ["Nixon was the 37th President of the United States from 1969 until 1974."], 0)))
+    assert not skips and pieces["hop1"].answer == "Richard Nixon"
+
+
+def test_a_plural_in_the_question_matches_the_singular_in_the_sentence():
+    pieces, skips = by_kind(two_paragraphs(
+        "Are Blue Hour and Slow Tide both documentaries?", "yes",
+        ("Blue Hour", ["Blue Hour is a 2001 documentary about whales."], 0),
+        ("Slow Tide", ["Slow Tide was a documentary about rivers."], 0), kind="comparison"))
+    assert not skips and {p.answer for p in pieces.values() if p.kind == "compare"} == {"documentary"}
+
+
+SAMPLE40_DEV, SAMPLE40_HELD_OUT = range(0, 20), range(20, 40)
+# The figures measured on the held-out records 20-39 (docs/pieces.md), kept here as a floor against regressions:
+# bridge chains with both hops, records with a piece. Issue 14 asks for 60% and 80%; the dev records reach them.
+HELD_OUT_FLOOR = {"dev": (0.6, 0.8), "held-out": (6 / 14, 11 / 20), "all": (18 / 28, 29 / 40)}
+
+
+@pytest.mark.parametrize("part, name", [(SAMPLE40_DEV, "dev"), (SAMPLE40_HELD_OUT, "held-out"), (range(0, 40), "all")],
+                         ids=["dev", "held-out", "all"])
+def test_sample40_figures_and_no_defects(sample40, part, name):
+    """With the real GPT-2 tokenizer: bridge chains with both hops (each its own answer), records with a piece,
+    and no defective piece (answer tokens decode to the answer, prompt + answer in its source sentence, subject in
+    the prompt, a statement)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(shared_path("tokenizers", "gpt2"))
+    result = tokenize_pieces(extract_pieces(sample40.select(part)), tokenizer, bos_ids=[])
+    counts = result.counts()
+    both_hops, any_piece = HELD_OUT_FLOOR[name]
+    assert counts["bridge_two_hops"] >= both_hops * counts["bridge_records"] - 1e-9
+    assert counts["records_with_pieces"] >= any_piece * counts["records"] - 1e-9
+    assert [d for p in result.pieces for d in piece_defects(p, tokenizer)] == []
+    for piece in result.pieces:
+        assert "Based on" not in piece.prompt
+        if piece.kind in ("hop1", "hop2"):
+            assert piece.answer != piece.subject and piece.prompt.rstrip()[-1:] not in ",;:("

@@ -31,7 +31,7 @@ def test_the_pieces_stage_writes_knowledge_pieces(tmp_path, tiny_model_dir, fami
         assert tokenizer.decode(piece.prompt_ids[len(bos):] + piece.answer_ids) == cloze_text(piece.prompt, piece.answer)
 
 
-def test_sample40_through_the_stage_counts_its_skips(tmp_path, tiny_model_dir):
+def test_sample40_through_the_stage_counts_its_skips(tmp_path, tiny_model_dir, capsys):
     data = shared_path("data", "hotpotqa", "hotpot_dev_distractor_v1.sample40.json")
     assert run_main(["--stages", "pieces", "--hotpot_data", str(data), "--model_path", str(tiny_model_dir("gpt2")),
                      "--max_samples", "20", "--output_dir", str(tmp_path), "--logger", "none"]) == 0
@@ -39,6 +39,12 @@ def test_sample40_through_the_stage_counts_its_skips(tmp_path, tiny_model_dir):
     assert doc["source"]["records_read"] == 20 and doc["source"]["max_samples"] == 20
     assert sum(doc["skipped"].values()) == len(doc["skipped_records"]) > 0
     assert doc["counts"]["records"] == 20
+    # the counts by reason are kept in the file and printed as a table (issue 14)
+    assert sum(doc["rejected_candidates"].values()) > 0 and doc["counts"]["bridge_records"] == 14
+    printed = capsys.readouterr().out
+    assert f"records with at least one piece: {doc['counts']['records_with_pieces']}/20" in printed
+    for reason in doc["skipped"]:
+        assert reason in printed
 
 
 def test_without_hotpot_data_the_default_world_is_used(tmp_path, tiny_model_dir):

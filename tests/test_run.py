@@ -36,6 +36,11 @@ def seed_command(world: Path, model: Path, out: Path, *extra: str) -> list[str]:
                        "--max_experiments", "2", "--device", "cpu", "--output_dir", out, *extra)
 
 
+# The tiny models here are untrained: they know none of the facts, and edit sources are drawn from known facts
+# by default. The runs that compare edits therefore ask to edit unknown facts too.
+EDIT_UNKNOWN = ("--memit.known", "any")
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     from lit_coupling.data.world import main as make_world
@@ -49,7 +54,7 @@ def world(tmp_path_factory) -> Path:
 def reference_run(world, tiny_model_dir, tmp_path_factory) -> Path:
     """The seed's command with a tiny GPT-2 saved locally, uninterrupted, one process."""
     out = tmp_path_factory.mktemp("runs") / "quick_test"
-    run_cli(seed_command(world, tiny_model_dir("gpt2"), out), out.parent)
+    run_cli(seed_command(world, tiny_model_dir("gpt2"), out, *EDIT_UNKNOWN), out.parent)
     return out
 
 
@@ -86,6 +91,10 @@ def test_seed_command_with_a_local_tiny_llama(world, tiny_model_dir, tmp_path):
     assert all((out / name).is_file() for name in MAIN_OUTPUTS)
     for stage in ("pieces", "gradsim", "ripple", "analysis", "report"):
         assert f"[{stage}]" in stdout  # a one-line summary per stage
+    # An untrained model knows no fact: no edit is made, and the run says so plainly instead of editing noise.
+    assert "TOO FEW KNOWN FACTS" in stdout
+    assert json.loads((out / RIPPLE).read_text())["experiments"] == []
+    assert "No edit was made" in json.loads((out / CORRELATION).read_text())["verdict"]["text"]
     analysis = json.loads((out / "coupling_analysis.json").read_text())
     assert analysis["model"]["family"] == "llama"
 
@@ -93,8 +102,8 @@ def test_seed_command_with_a_local_tiny_llama(world, tiny_model_dir, tmp_path):
 def test_ddp_with_two_processes_gives_the_same_matrix_and_ripple_table(world, tiny_model_dir, reference_run,
                                                                        tmp_path):
     out = tmp_path / "ddp"
-    run_cli(seed_command(world, tiny_model_dir("gpt2"), out, "--trainer.strategy", "ddp",
-                              "--trainer.devices", "2"), tmp_path)
+    run_cli(seed_command(world, tiny_model_dir("gpt2"), out, *EDIT_UNKNOWN, "--trainer.strategy", "ddp",
+                         "--trainer.devices", "2"), tmp_path)
     assert all((out / name).is_file() for name in MAIN_OUTPUTS)
     np.testing.assert_allclose(np.load(out / COUPLING_MATRIX), np.load(reference_run / COUPLING_MATRIX), atol=1e-5)
     one, two = pd.read_csv(reference_run / RIPPLE_PAIRS), pd.read_csv(out / RIPPLE_PAIRS)
@@ -109,7 +118,7 @@ def test_ddp_with_two_processes_gives_the_same_matrix_and_ripple_table(world, ti
 def test_a_run_killed_during_ripple_resumes_to_the_outputs_of_an_uninterrupted_run(world, tiny_model_dir,
                                                                                   reference_run, tmp_path):
     out = tmp_path / "quick_test"
-    command = seed_command(world, tiny_model_dir("gpt2"), out)
+    command = seed_command(world, tiny_model_dir("gpt2"), out, *EDIT_UNKNOWN)
     proc = subprocess.Popen(command, cwd=tmp_path, env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     manifest = out / MANIFEST

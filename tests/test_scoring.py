@@ -87,3 +87,35 @@ def test_teacher_forced_and_generated_exact_match_agree_on_a_learnt_fact(tok):
 
 def test_normalize_answer():
     assert normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cached_scores_and_greedy_continuation_equal_brute_force(tok, family):
+    """One left-padded teacher-forced pass (CachedScores) gives the full-logits scores, ranks and greedy tokens, and
+    decoding on from its KV cache at any answer position gives what HF greedy decoding from scratch gives."""
+    from lit_coupling.scoring import CachedScores, supports_cached_scoring
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok))).eval()
+    assert supports_cached_scoring(model)
+    items = [encode_cloze(tok, "The capital of France is", "Paris"),
+             encode_cloze(tok, "Arthur's Magazine was started in the year", "1844 and more"),
+             encode_cloze(tok, "Warsaw is", "the capital of Poland")]
+    cached = CachedScores(model, items, tok.pad_token_id)
+    batch = collate_clozes(items, tok.pad_token_id)
+    assert torch.allclose(cached.logp, score_batch(model, batch)["logp"], atol=1e-5)
+    with torch.no_grad():
+        for row, (p, a) in enumerate(items):
+            logits = model(input_ids=torch.tensor([p + a])).logits[0].double()
+            steps = [logits[len(p) + k - 1] for k in range(len(a))]
+            assert cached.greedy[row] == [int(s.argmax()) for s in steps]
+            assert cached.next[row] == int(logits[len(p) + len(a) - 1].argmax())
+            assert cached.rank[row] == int((steps[0] > steps[0][a[0]]).sum())
+            assert bool(cached.tf_em[row]) == (cached.greedy[row] == a)
+    keep = [0, 2, len(items[2][1])]  # from the prompt, inside the answer, after the whole answer
+    first = [cached.greedy[0][0], items[1][1][2], cached.next[2]]
+    got = cached.continue_greedy(keep, first, [4, 4, 4], eos_id=None)
+    for row, (p, a) in enumerate(items):
+        context = list(p) + list(a[: keep[row]]) + [first[row]]
+        want = greedy_continuations(model, [context], 3, tok.pad_token_id)[0]
+        assert got[row] == [first[row]] + want

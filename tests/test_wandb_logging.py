@@ -42,7 +42,7 @@ def test_wandb_offline_run_directory_holds_tables_images_and_artefacts(tmp_path,
     pair_table = json.loads(next((media / "table").glob("pair_table_*.table.json")).read_text())
     assert "gradsim" in pair_table["columns"] and len(pair_table["data"]) == 5 * (15 - 1)
     images = {p.name.rsplit("_", 2)[0] for p in (media / "images").glob("*.png")}
-    assert images == {"coupling_heatmap", "comprehensive_analysis", "coupling_by_layer"}
+    assert images == {"coupling_heatmap", "comprehensive_analysis", "coupling_by_layer", "predictor_ranking"}
     log = next(run_dir.glob("*.wandb")).read_bytes()  # hyperparameters, metrics and artefact manifests
     for needle in (b"headline/spearman/value", b"analysis", b"final_mvp_report.md", b"coupling_matrix.npy",
                    b"verdict_text"):

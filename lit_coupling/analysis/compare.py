@@ -126,15 +126,16 @@ def render_comparison(runs: list[ComparedRun], verdict: dict) -> str:
                      f"{np.median(run.coupling):.3f}",
                      f"{np.median(run.ripple):.3g}" if len(run.ripple) else "n/a",
                      cell["spearman"], cell["pearson"], cell["kendall"],
-                     p_value((h.get("permutation") or {}).get("p")),
+                     p_value(((a.get("all_pairs") or h).get("permutation") or {}).get("p")),
                      a.get("verdict", {}).get("conclusion", "n/a")])
     ripple_metrics = {run.analysis["settings"]["ripple"] for run in runs}
     parts = [f"# GradSim vs MEMIT ripple across {len(runs)} runs",
              f"**{verdict['conclusion'].capitalize()}.** {verdict['text']}",
              table(["run", "family", "size", "pieces", "edits", "pairs", "median GradSim", "median ripple",
-                    "Spearman [95% CI]", "Pearson [95% CI]", "Kendall [95% CI]", "permutation p",
+                    "Spearman [95% CI]", "Pearson [95% CI]", "Kendall [95% CI]", "permutation p (all pairs)",
                     "verdict"], rows),
-             "Intervals: cluster bootstrap over each run's edits. Ripple: "
+             "Headline: each run's related facts (same chain or shared entity), |GradSim| vs |ΔlogP|. Intervals: "
+             "two-way cluster bootstrap over each run's edits and pieces. Ripple: "
              + ", ".join(sorted(ripple_metrics))
              + (" — the runs use different ripple metrics: compare their correlations with care."
                 if len(ripple_metrics) > 1 else "."),

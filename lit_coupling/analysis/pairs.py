@@ -15,8 +15,9 @@ import pandas as pd
 from lit_coupling.data.piece import KnowledgePiece, load_pieces
 from lit_coupling.errors import UserError
 from lit_coupling.gradients.cosine import cosine_from_inner, load_layer_inner
-from lit_coupling.outputs import (COUPLING_ANALYSIS, COUPLING_LAYERS, COUPLING_MATRIX, PIECE_HIDDEN, PIECES,
-                                  RIPPLE, read_json)
+from lit_coupling.analysis.predictors import cosine_of_inner, gradient_norms, layer_inner, shared_entity
+from lit_coupling.outputs import (COUPLING_ANALYSIS, COUPLING_LAYERS, COUPLING_MATRIX, EDIT_PREDICTORS,
+                                  PIECE_HIDDEN, PIECES, RIPPLE, read_json)
 
 # Which stage writes each file the analysis needs (for the error message when one is missing).
 _WRITTEN_BY = {PIECES: "pieces", COUPLING_MATRIX: "gradsim", RIPPLE: "ripple"}
@@ -47,6 +48,15 @@ class RunData:
     coupling_info: dict = field(default_factory=dict)
     hidden: np.ndarray | None = None
     layers: LayerCoupling | None = None
+    edit_predictors: dict | None = None  # edit_predictors.npz (analysis stage), when computed
+
+    @property
+    def edit_layers(self) -> list[int]:
+        return [int(layer) for layer in (self.ripple.get("hparams") or {}).get("layers") or []]
+
+    @property
+    def editor(self) -> str:
+        return self.ripple.get("editor") or "memit"
 
     @property
     def model(self) -> dict:
@@ -91,7 +101,13 @@ def load_run(directory: str | Path) -> RunData:
     if hidden is not None and len(hidden) != n:
         hidden = None  # from another run: the baseline is reported as unavailable rather than misaligned
     layers = _load_layers(directory / COUPLING_LAYERS, n) if (directory / COUPLING_LAYERS).exists() else None
-    return RunData(directory, pieces, pieces_meta, coupling, ripple, info, hidden, layers)
+    edit_predictors = None
+    if (directory / EDIT_PREDICTORS).exists():
+        with np.load(directory / EDIT_PREDICTORS) as saved:
+            edit_predictors = {name: saved[name] for name in saved.files}
+        if edit_predictors.get("first_order", np.empty((0, 0))).shape[1:] != (n,):
+            edit_predictors = None  # from another run
+    return RunData(directory, pieces, pieces_meta, coupling, ripple, info, hidden, layers, edit_predictors)
 
 
 def hop_relation(source: KnowledgePiece, piece: KnowledgePiece) -> str:
@@ -138,12 +154,38 @@ def usable_experiments(ripple: dict, n: int) -> tuple[list[dict], dict[str, int]
     return used, skipped
 
 
+def known_pieces(ripple: dict, n: int) -> np.ndarray:
+    """Per piece, did the model know it before editing: the ripple stage's `baseline.known` when present, else
+    the teacher-forced exact match before the first edit; NaN when neither was measured."""
+    known = (ripple.get("baseline") or {}).get("known")
+    if known is not None and len(known) == n:
+        return _as_float(known, n)
+    experiments, _ = usable_experiments(ripple, n)
+    return _as_float(experiments[0]["pieces"].get("tf_em_before"), n) if experiments else np.full(n, np.nan)
+
+
 def build_pair_table(pieces: list[KnowledgePiece], coupling: np.ndarray, ripple: dict,
-                     hidden: np.ndarray | None = None, bos_ids: list[int] | tuple[int, ...] = ()
+                     hidden: np.ndarray | None = None, bos_ids: list[int] | tuple[int, ...] = (),
+                     layers: LayerCoupling | None = None, edit_predictors: dict | None = None
                      ) -> pd.DataFrame:
-    """One row per (edit i, piece j ≠ i). Edits that did not finish are left out (`usable_experiments`)."""
+    """One row per (edit i, piece j ≠ i). Edits that did not finish are left out (`usable_experiments`).
+
+    Besides GradSim and the ripple, every predictor of `predictors.PREDICTORS` that the inputs allow: from the
+    per-layer inner products (`layers`) restricted to the edit layers, from `edit_predictors` (first-order
+    ripple, new-target inner product, whitened key cosine), and the baselines that know nothing of the edit."""
     n = len(pieces)
     experiments, _ = usable_experiments(ripple, n)
+    entity = shared_entity([p.subject for p in pieces], [p.answer for p in pieces])
+    known = known_pieces(ripple, n)
+    edit_layers = [int(layer) for layer in (ripple.get("hparams") or {}).get("layers") or []]
+    per_layer = {}
+    if layers is not None and edit_layers and set(edit_layers) <= set(layers.layers):
+        inner = layer_inner(layers.inner, [layers.layers.index(layer) for layer in edit_layers])
+        per_layer = {"gradsim_edit_layers": cosine_of_inner(inner), "inner_edit_layers": inner,
+                     "grad_norm": gradient_norms(inner)}
+    edit_rows = {}
+    if edit_predictors is not None:
+        edit_rows = {int(e): k for k, e in enumerate(edit_predictors["edit_ids"])}
     bos = set(bos_ids)
     tokens = [(set(p.prompt_ids) | set(p.answer_ids)) - bos for p in pieces]
     unit_hidden = _unit_rows(np.asarray(hidden, dtype=np.float64)) if hidden is not None else None
@@ -181,7 +223,17 @@ def build_pair_table(pieces: list[KnowledgePiece], coupling: np.ndarray, ripple:
             "piece_kind": [pieces[k].kind for k in j],
             "token_overlap": [token_overlap(tokens[i], tokens[k]) for k in j],
             "hidden_cosine": unit_hidden[j] @ unit_hidden[i] if unit_hidden is not None else np.nan,
+            "shared_entity": entity[i, j],
+            "known": known[j],
+            "neg_logp_before": -before[j],
         }
+        frame["related"] = np.asarray(frame["same_chain"]) | entity[i, j]
+        for name in ("gradsim_edit_layers", "inner_edit_layers"):
+            frame[name] = per_layer[name][i, j] if per_layer else np.nan
+        frame["grad_norm"] = per_layer["grad_norm"][j] if per_layer else np.nan
+        row = edit_rows.get(int(experiment.get("edit_id", position)))
+        for name in ("first_order", "new_target_inner", "whitened_cosine"):
+            frame[name] = edit_predictors[name][row, j] if row is not None else np.nan
         for em in ("tf_em", "gen_em"):
             em_before = _as_float(scores.get(f"{em}_before"), n)
             em_after = _as_float(scores.get(f"{em}_after"), n)
@@ -204,11 +256,14 @@ PAIR_COLUMNS = [
     "edit_success",
     "tf_em_before", "tf_em_after", "tf_em_flip", "gen_em_before", "gen_em_after", "gen_em_flip",
     "token_overlap", "hidden_cosine",
+    "related", "shared_entity", "known", "neg_logp_before", "gradsim_edit_layers", "inner_edit_layers",
+    "grad_norm", "first_order", "new_target_inner", "whitened_cosine",
 ]
 
 
 def pair_table(run: RunData) -> pd.DataFrame:
-    return build_pair_table(run.pieces, run.coupling, run.ripple, run.hidden, run.bos_ids)
+    return build_pair_table(run.pieces, run.coupling, run.ripple, run.hidden, run.bos_ids, run.layers,
+                            run.edit_predictors)
 
 
 def describe_run(run: RunData) -> dict:
@@ -221,10 +276,8 @@ def describe_run(run: RunData) -> dict:
     experiments, skipped = usable_experiments(run.ripple, n)
     successes = [(e.get("efficacy") or {}).get("success") for e in experiments]
     reported = [s for s in successes if s is not None]
-    known = None
-    if experiments:
-        em = _as_float(experiments[0]["pieces"].get("tf_em_before"), n)
-        known = float(np.nanmean(em)) if np.isfinite(em).any() else None
+    known_flags = known_pieces(run.ripple, n)
+    known = float(np.nanmean(known_flags)) if np.isfinite(known_flags).any() else None
     layers = model.get("layers")
     return {
         "model_name": model.get("name") or run.directory.name,
@@ -248,5 +301,8 @@ def describe_run(run: RunData) -> dict:
         "efficacy": {"ok": len(experiments),
                      "success": sum(map(bool, reported)) if reported else None},
         "known_fraction": known,
+        "editor": run.editor,
+        "finetune": run.ripple.get("finetune"),
+        "edit_layers": run.edit_layers,
         "seed": run.ripple.get("seed", run.pieces_meta.get("seed")),
     }

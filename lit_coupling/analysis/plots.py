@@ -110,6 +110,25 @@ def _bins(values: np.ndarray, log: bool, count: int = 40):
     return np.linspace(values.min(), values.max(), count) if np.ptp(values) > 0 else count
 
 
+def no_ripple_figure(coupling: np.ndarray, pieces: Sequence[KnowledgePiece], reason: str,
+                     title: str = "") -> Figure:
+    """The analysis figure of a run without usable (edit, piece) pairs: the coupling distribution, and why the
+    ripple panels are empty (so the run still shows what it measured, and says what to change)."""
+    fig = Figure(figsize=(14, 5.5))
+    left, right = fig.subplots(1, 2)
+    chains = np.array([p.chain_id for p in pieces])
+    upper = np.triu_indices(len(pieces), k=1)
+    values = coupling[upper].astype(float)
+    if len(values):
+        _hist_same_other(left, values, chains[upper[0]] == chains[upper[1]], _bins(values, False))
+    left.set_title("Coupling distribution (all piece pairs)")
+    left.set_xlabel("GradSim")
+    right.axis("off")
+    right.text(0.0, 0.5, "No ripple to analyse.\n\n" + reason, wrap=True, va="center", fontsize=11)
+    fig.suptitle(title or "Coupling and ripple")
+    return fig
+
+
 def comprehensive_figure(table: pd.DataFrame, coupling: np.ndarray, pieces: Sequence[KnowledgePiece],
                          result: dict, title: str = "") -> Figure:
     """The six panels of mission.md: coupling distribution, ripple distribution, GradSim vs ripple with fit,
@@ -159,13 +178,17 @@ def comprehensive_figure(table: pd.DataFrame, coupling: np.ndarray, pieces: Sequ
         ax.set_yscale("log")
     h = result.get("headline", {})
     if h:
-        text = (f"Spearman ρ = {short(h['spearman']['value'])} {_interval(h['spearman'].get('ci'))}\n"
-                f"Pearson r = {short(h['pearson']['value'])} {_interval(h['pearson'].get('ci'))}\n"
-                f"Kendall τ = {short(h['kendall']['value'])} {_interval(h['kendall'].get('ci'))}\n"
-                f"within-edit permutation {p_text(h['permutation']['p'])}")
+        lines = []
+        for entry in (h, result.get("all_pairs")):
+            if entry:
+                lines.append(f"{entry.get('stratum', '')}: |GradSim| vs |ΔlogP| ρ = "
+                             f"{short(entry['spearman']['value'])} {_interval(entry['spearman'].get('ci'))}; "
+                             f"signed ρ = {short(entry['signed']['spearman']['value'])}")
+        perm = (result.get("all_pairs") or {}).get("permutation") or {}
+        text = "\n".join(lines) + f"\nall pairs: two-way permutation {p_text(perm.get('p'))}"
         ax.text(0.02, 0.98, text, transform=ax.transAxes, va="top", fontsize=8,
                 bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
-    ax.set_title("3. GradSim vs ripple (95% CIs: bootstrap over edits)")
+    ax.set_title("3. GradSim vs ripple (95% CIs: two-way bootstrap, edits × pieces)")
     ax.set_xlabel("GradSim(edited piece, piece)")
     ax.set_ylabel(ripple_label)
     ax.legend(fontsize=7, loc="lower right")
@@ -205,7 +228,7 @@ def comprehensive_figure(table: pd.DataFrame, coupling: np.ndarray, pieces: Sequ
     g = result.get("coupling_groups", {})
     if g.get("cliffs_delta") is not None:
         text = (f"top vs bottom: Cliff's δ = {short(g['cliffs_delta'])} {_interval(g['cliffs_delta_ci'])}\n"
-                f"P(top ripples more) = {short(g['prob_superiority'])}; Mann–Whitney {p_text(g['p'])}\n"
+                f"P(top ripples more) = {short(g['prob_superiority'])}\n"
                 f"n = {g['n'][0]} vs {g['n'][1]} pairs")
         ax.text(0.02, 0.98, text, transform=ax.transAxes, va="top", fontsize=8,
                 bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
@@ -348,3 +371,38 @@ def comparison_figure(runs: list[dict]) -> Figure:
     fig.tight_layout()
     return fig
 
+
+
+def predictor_figure(ptable: dict, title: str = "") -> Figure:
+    """Every predictor's Spearman ρ with the ripple (magnitude with magnitude), with its two-way bootstrap
+    interval, on related facts and on all pairs, ranked by all pairs; the |ρ| < 0.1 band shaded."""
+    strata = ptable.get("strata", {})
+    names = list(ptable.get("ranking_all_pairs_magnitude", []))
+    fig = Figure(figsize=(11, 1.2 + 0.55 * max(len(names), 1)))
+    ax = fig.add_subplot()
+    ax.axvspan(-0.1, 0.1, color="#eeeeee", label="|ρ| < 0.1: no practical association")
+    for offset, stratum, colour in ((-0.17, "related", SAME), (0.17, "all", "#2c3e50")):
+        rows = strata.get(stratum, {}).get("magnitude", {})
+        ys, xs, lows, highs = [], [], [], []
+        for k, name in enumerate(names[::-1]):
+            row = rows.get(name) or {}
+            if row.get("rho") is None:
+                continue
+            ci = row.get("ci") or [None, None]
+            ys.append(k + offset)
+            xs.append(row["rho"])
+            lows.append(row["rho"] - ci[0] if ci[0] is not None else 0)
+            highs.append(ci[1] - row["rho"] if ci[1] is not None else 0)
+        if xs:
+            entry = strata.get(stratum, {})
+            ax.errorbar(xs, ys, xerr=[lows, highs], fmt="o", color=colour, capsize=3,
+                        label=f"{entry.get('label', stratum)} (n = {entry.get('n')})")
+    labels = [ptable["predictors"][name]["label"] for name in names[::-1]]
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_xlabel("Spearman ρ with |ΔlogP| (|predictor| for signed predictors); 95% two-way cluster bootstrap")
+    ax.set_title(title or "Which similarity forecasts ripple")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 
 from lit_coupling import outputs
-from lit_coupling.analysis.correlation import PREDICTORS, RIPPLE_LABELS
+from lit_coupling.analysis.correlation import MIN_EDITS, NO_PRACTICAL, PUBLISHED, RIPPLE_LABELS, STRENGTH
 
 PLOT_CAPTIONS = {outputs.HEATMAP: "Coupling matrix, chains together",
                  outputs.COMPREHENSIVE: "Coupling, ripple and their relation (six panels)",
-                 outputs.LAYER_PLOT: "Coupling by layer"}
+                 outputs.LAYER_PLOT: "Coupling by layer",
+                 outputs.PREDICTOR_PLOT: "Every predictor's ρ with the ripple, ranked"}
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -98,9 +99,15 @@ def _method_section(ctx: dict, result: dict) -> str:
     parts.append(edits + (": not finished: " + ", ".join(f"{reason} ×{n}" for reason, n in skipped.items())
                           if skipped else "") + ".")
     s = result["settings"]
-    parts.append(f"**Analysis**: ripple = {RIPPLE_LABELS[s['ripple']]}; {s['confidence']:.0%} intervals "
-                 f"from {s['bootstrap']} cluster-bootstrap resamples over edits; within-edit permutation "
-                 f"test with {s['permutations']} permutations; seed {s['seed']}.")
+    editor = ("**Editor: fine-tuning** (positive control, FT-L style: gradient ascent on the new answer at the "
+              "edit layers, ‖ΔW‖_F ≤ max_norm·‖W‖_F): " + ", ".join(f"{k} {v}" for k, v in
+                                                                   (ctx.get("finetune") or {}).items())
+              if ctx.get("editor") == "ft" else "**Editor: MEMIT.**")
+    parts.append(editor)
+    parts.append(f"**Analysis**: headline ripple |ΔlogP| (magnitude) and ΔlogP (signed); secondary sections "
+                 f"{RIPPLE_LABELS[s['ripple']]}; {s['confidence']:.0%} intervals from {s['bootstrap']} two-way "
+                 f"cluster-bootstrap resamples over edits and pieces (secondary sections: over edits only); "
+                 f"two-way permutation test on all pairs with {s['permutations']} permutations; seed {s['seed']}.")
     return "\n\n".join(parts)
 
 
@@ -112,32 +119,114 @@ def _correlation_rows(entry: dict) -> list[list]:
     return rows
 
 
+def _headline_rows(entry: dict) -> list[list]:
+    signed = entry["signed"]["spearman"]
+    return [["|GradSim| vs |ΔlogP| (magnitude)", "Spearman ρ", fmt(entry["spearman"]["value"]),
+             interval(entry["spearman"].get("ci")), entry["conclusion"]],
+            ["", "Pearson r", fmt(entry["pearson"]["value"]), "", ""],
+            ["", "Kendall τ", fmt(entry["kendall"]["value"]), "", ""],
+            ["GradSim vs ΔlogP (signed)", "Spearman ρ", fmt(signed["value"]), interval(signed.get("ci")),
+             entry["signed"]["conclusion"]]]
+
+
 def _headline_section(result: dict) -> str:
     h, counts = result["headline"], result["counts"]
-    permutation = h["permutation"]
+    header = ["pairing", "statistic", "ours", "95% CI (edits × pieces resampled)", "in words"]
     text = (f"## Results\n\n{counts['pairs']} (edit, piece) pairs from {counts['edits']} edits over "
-            f"{fmt(counts.get('pieces'))} pieces.\n\n### GradSim vs ripple ({RIPPLE_LABELS[h['ripple']]})\n\n"
-            + table(["statistic", "value", "95% CI (edits resampled)", "p (pairs independent)"],
-                    _correlation_rows(h))
-            + f"\n\nWithin-edit permutation test (Spearman, {permutation['n_permutations']} permutations): "
-              f"p = {p_value(permutation['p'])} (two-sided), {p_value(permutation['p_greater'])} "
-              "(one-sided, positive).")
+            f"{fmt(counts.get('pieces'))} pieces; {fmt(counts.get('related_pairs'))} of them related.\n\n"
+            f"### 1. {h['label'][0].upper() + h['label'][1:]} ({h['n']} pairs, {fmt(h.get('edits'))} edits)\n\n"
+            + table(header, _headline_rows(h)) + f"\n\n{h['permutation'].get('why', '')}")
+    a = result.get("all_pairs")
+    if a and a is not h and h["stratum"] != "all":
+        perm = a["permutation"]
+        text += (f"\n\n### 2. All pairs ({a['n']} pairs)\n\n" + table(header, _headline_rows(a))
+                 + f"\n\nTwo-way permutation test (ripple relabelled over edits and pieces, "
+                   f"{perm.get('n_permutations')} permutations): p = {p_value(perm.get('p'))}.")
     others = result.get("ripple_metrics") or {}
-    rows = [[RIPPLE_LABELS[metric], fmt(e["spearman"]["value"]), interval(e["spearman"].get("ci")),
-             fmt(e["pearson"]["value"]), interval(e["pearson"].get("ci")), fmt(e["kendall"]["value"]),
-             fmt(e["n"])] for metric, e in others.items() if e.get("spearman")]
+    rows = [[RIPPLE_LABELS[metric], fmt(e["spearman"]["value"]), fmt(e["pearson"]["value"]),
+             fmt(e["kendall"]["value"]), fmt(e["n"])] for metric, e in others.items() if e.get("spearman")]
     if rows:
-        text += "\n\n### Other ripple metrics\n\n" + table(
-            ["ripple", "Spearman", "CI", "Pearson", "CI", "Kendall", "pairs"], rows)
+        text += "\n\n### Other ripple metrics (signed GradSim; descriptive)\n\n" + table(
+            ["ripple", "Spearman", "Pearson", "Kendall", "pairs"], rows)
     return text
+
+
+def _published_section(result: dict) -> str:
+    h = result["headline"]
+    rows = [[setting, fmt(pearson), fmt(spearman)] for setting, pearson, spearman in PUBLISHED]
+    rows.append([f"**ours**: {h['label']}, |GradSim| vs |ΔlogP|", fmt(h["pearson"]["value"]),
+                 f"{fmt(h['spearman']['value'])} {interval(h['spearman'].get('ci'))}"])
+    rows.append([f"**ours**: {h['label']}, signed", "", f"{fmt(h['signed']['spearman']['value'])} "
+                                                        f"{interval(h['signed']['spearman'].get('ci'))}"])
+    return ("### GradSim paper (Qin et al., EMNLP 2024, related facts) beside ours\n\n"
+            + table(["setting", "Pearson", "Spearman"], rows))
+
+
+def _cell(row: dict | None) -> str:
+    if not row or row.get("rho") is None:
+        return "n/a"
+    return f"{fmt(row['rho'], 2)} {interval_short(row.get('ci'))}"
+
+
+def interval_short(ci) -> str:
+    return f"[{fmt(ci[0], 2)}, {fmt(ci[1], 2)}]" if ci and ci[0] is not None else ""
+
+
+def _predictor_table_section(result: dict, ctx: dict) -> str:
+    ptable = result["predictor_table"]
+    strata = ptable["strata"]
+    names = ptable["ranking_all_pairs_magnitude"] + [n for n in ptable["predictors"]
+                                                     if n not in ptable["ranking_all_pairs_magnitude"]]
+    header = ["predictor", "related: magnitude", "related: signed", "all: magnitude", "all: signed",
+              "Δρ vs GradSim (all, magnitude)"]
+    has_known = "known" in strata
+    if has_known:
+        header += ["known pieces", "unknown pieces"]
+    rows = []
+    for name in names:
+        info = ptable["predictors"][name]
+        label = info["label"] + (" **[oracle]**" if info["kind"] == "oracle" else "")
+        row_all = strata["all"]["magnitude"].get(name) or {}
+        delta = (f"{fmt(row_all['minus_gradsim'], 2)} {interval_short(row_all.get('minus_gradsim_ci'))}"
+                 if row_all.get("minus_gradsim") is not None else "—")
+        signed = info["kind"] != "magnitude"
+        row = [label, _cell(strata["related"]["magnitude"].get(name)),
+               _cell(strata["related"]["signed"].get(name)) if signed else "—",
+               _cell(row_all), _cell(strata["all"]["signed"].get(name)) if signed else "—", delta]
+        if has_known:
+            row += [_cell(strata["known"]["magnitude"].get(name)), _cell(strata["unknown"]["magnitude"].get(name))]
+        rows.append(row)
+    counts = ", ".join(f"{entry['label']}: {entry['n']} pairs, {entry['edits']} edits"
+                       for entry in strata.values())
+    editor = "fine-tuning (positive control)" if ctx.get("editor") == "ft" else "MEMIT"
+    text = (f"## Which similarity forecasts ripple (editor: {editor})\n\n"
+            "Spearman ρ with the ripple of edit i on piece j, every predictor on the same pairs. *Magnitude*: "
+            "|predictor| against |ΔlogP| (the baselines have no sign); *signed*: predictor against ΔlogP. "
+            f"95% intervals from a two-way cluster bootstrap over edits and pieces ({ptable['resamples']} "
+            "resamples; Δρ on the same resamples). Ranked by all pairs, magnitude. The oracle sees the edit's "
+            f"actual ΔW and is an upper reference, not a forecast.\n\n{counts}.\n\n" + table(header, rows))
+    if ptable.get("unavailable"):
+        text += ("\n\nNot available on this run: " + ", ".join(ptable["unavailable"])
+                 + (f" ({ptable['why_unavailable']})" if ptable.get("why_unavailable") else "") + ".")
+    if result.get("control"):
+        text += "\n\n" + result["control"]["text"]
+    return text
+
+
+def _thresholds_text(result: dict) -> str:
+    bands = ", ".join(f"{label} |ρ| ≥ {bound}" for bound, label in STRENGTH if bound > 0)
+    return (f"Thresholds: |ρ| < {NO_PRACTICAL} is *no practical association* whatever the p-value; {bands} "
+            f"(Cohen). *Supported* needs |ρ| ≥ {NO_PRACTICAL} and a 95% interval that excludes 0. Fewer than "
+            f"{MIN_EDITS} edits earn a caveat. No p-value that treats pairs as independent is shown.")
 
 
 def _per_edit_section(result: dict) -> str:
     per_edit = result["per_edit"]
     rows = [[fmt(e["edit_id"]), e["source_piece"], e["source_kind"], fmt(e["n"]), fmt(e["spearman"]),
-             p_value(e["p"]), fmt(e["edit_success"]), fmt(e["mean_gradsim"]), fmt(e["mean_ripple"])]
+             fmt(e["edit_success"]), fmt(e["mean_gradsim"]), fmt(e["mean_ripple"])]
             for e in per_edit["edits"]]
-    text = "### Per edit\n\n" + table(["edit", "source piece", "kind", "pairs", "Spearman", "p",
+    text = "### Per edit (signed GradSim vs the chosen ripple)\n\n" + table(["edit", "source piece", "kind",
+                                                                              "pairs", "Spearman",
                                         "edit succeeded", "mean GradSim", "mean ripple"], rows)
     s = per_edit["summary"]
     if s.get("n"):
@@ -157,12 +246,12 @@ def _strata_section(result: dict) -> str:
     for group, name, entry in entries:
         spearman = entry.get("spearman") or {}
         rows.append([group, name, fmt(entry["n"]), fmt(entry["edits"]), fmt(entry["mean_gradsim"]),
-                     fmt(entry["median_ripple"]), fmt(spearman.get("value")), interval(spearman.get("ci"))])
+                     fmt(entry["median_ripple"]), fmt(spearman.get("value"))])
     mw = strata["chain"]["same_vs_other_ripple"]
-    return ("### Strata\n\n" + table(["stratum", "", "pairs", "edits", "mean GradSim", "median ripple",
-                                      "Spearman", "CI"], rows)
-            + f"\n\nSame chain vs other chains, ripple: Cliff's δ = {fmt(mw.get('cliffs_delta'))}, "
-              f"Mann–Whitney p = {p_value(mw.get('p'))}. Strata with fewer than "
+    return ("### Strata (descriptive)\n\n" + table(["stratum", "", "pairs", "edits", "mean GradSim",
+                                                    "median ripple", "Spearman"], rows)
+            + f"\n\nSame chain vs other chains, ripple: Cliff's δ = {fmt(mw.get('cliffs_delta'))}. "
+              "Descriptive: no intervals or p-values here (pairs share edits and pieces). Strata with fewer than "
               f"{result['settings']['min_stratum_pairs']} pairs get no correlation.")
 
 
@@ -173,34 +262,17 @@ def _groups_section(result: dict) -> str:
         ["group", "GradSim", "pairs", "median ripple"],
         [["top quartile", f"≥ {fmt(g['top_min_gradsim'])}", fmt(g["n"][0]), fmt(medians[0])],
          ["bottom quartile", f"≤ {fmt(g['bottom_max_gradsim'])}", fmt(g["n"][1]), fmt(medians[1])]])
-        + f"\n\nMann–Whitney U = {fmt(g.get('u'))}, p = {p_value(g.get('p'))}; Cliff's δ = "
-          f"{fmt(g.get('cliffs_delta'))} {interval(g.get('cliffs_delta_ci'))}; P(a top pair ripples more "
+        + "\n\nCliff's δ = "
+          f"{fmt(g.get('cliffs_delta'))}; P(a top pair ripples more "
           f"than a bottom pair) = {fmt(g.get('prob_superiority'))}.")
 
 
 def _partial_section(result: dict) -> str:
     partial = result["partial"]
     return ("### Controlling for the piece's baseline confidence\n\nPartial Spearman of GradSim and ripple "
-            f"given the piece's baseline log P: {fmt(partial.get('value'))} {interval(partial.get('ci'))}, "
-            f"p = {p_value(partial.get('p'))} (baseline log P alone vs ripple: Spearman "
+            f"given the piece's baseline log P: {fmt(partial.get('value'))} "
+            f"(baseline log P alone vs ripple: Spearman "
             f"{fmt(partial.get('spearman_ripple_vs_control'))}).")
-
-
-def _predictors_section(result: dict) -> str:
-    predictors = result["predictors"]
-    rows = [[entry["label"], fmt(entry["spearman"]), interval(entry["spearman_ci"]), fmt(entry["auroc"]),
-             interval(entry["auroc_ci"])] if entry.get("available") else [entry["label"], "not available", "",
-                                                                          "", ""]
-            for entry in predictors["table"].values()]
-    text = (f"### GradSim vs baselines\n\nAUROC for \"ripple above {fmt(predictors['threshold'])}\" "
-            f"({predictors['positive_pairs']} positive pairs).\n\n"
-            + table(["predictor", "Spearman", "CI", "AUROC", "CI"], rows))
-    diffs = [[PREDICTORS[name], fmt(d["spearman"]), interval(d["spearman_ci"]), fmt(d["auroc"]),
-              interval(d["auroc_ci"])] for name, d in predictors["gradsim_minus_baseline"].items()]
-    if diffs:
-        text += "\n\nGradSim minus baseline (same resamples):\n\n" + table(
-            ["baseline", "Δ Spearman", "CI", "Δ AUROC", "CI"], diffs)
-    return text
 
 
 def _layer_section(result: dict) -> str:
@@ -212,12 +284,20 @@ def _layer_section(result: dict) -> str:
 
 def render_report(ctx: dict, result: dict, plots: list[str]) -> str:
     verdict = result["verdict"]
-    parts = [f"# Does GradSim predict MEMIT ripple? {ctx.get('model_name')}",
-             f"**Verdict: {verdict['conclusion']}** ({verdict['strength']} association). {verdict['text']}",
-             _model_section(ctx), _data_section(ctx), _method_section(ctx, result)]
+    editor = "fine-tuning (positive control)" if ctx.get("editor") == "ft" else "MEMIT"
+    parts = [f"# Which similarity forecasts ripple? {ctx.get('model_name')}, editor: {editor}"]
+    if "headline" in result:
+        parts += [_predictor_table_section(result, ctx),
+                  f"**Verdict ({result['headline']['label']}): {verdict['conclusion']}** "
+                  f"({verdict['strength']} association). {verdict['text']}",
+                  f"**What to conclude.** {verdict.get('takeaway', '')}", _thresholds_text(result),
+                  _published_section(result)]
+    else:
+        parts.append(f"**Verdict: {verdict['conclusion']}** ({verdict['strength']} association). {verdict['text']}")
+    parts += [_model_section(ctx), _data_section(ctx), _method_section(ctx, result)]
     if "headline" in result:
         parts += [_headline_section(result), _per_edit_section(result), _strata_section(result),
-                  _groups_section(result), _partial_section(result), _predictors_section(result)]
+                  _groups_section(result), _partial_section(result)]
         if result.get("by_layer"):
             parts.append(_layer_section(result))
     if plots:

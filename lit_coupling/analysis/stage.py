@@ -22,7 +22,7 @@ from lit_coupling.run import StageResult
 
 # The inputs whose hashes go into correlation_analysis.json, when the run has them.
 HASHED_INPUTS = (outputs.PIECES, outputs.COUPLING_MATRIX, outputs.RIPPLE, outputs.PIECE_HIDDEN,
-                 outputs.COUPLING_LAYERS)
+                 outputs.COUPLING_LAYERS, outputs.EDIT_UPDATES, outputs.EDIT_PREDICTORS)
 
 
 def _is_rank_zero() -> bool:
@@ -45,22 +45,47 @@ def analyse_run(run: RunData, options: AnalysisOptions, seed: int) -> tuple[pd.D
 
 def headline_text(result: dict) -> str:
     conclusion = result.get("verdict", {}).get("conclusion", "")
-    spearman = result.get("headline", {}).get("spearman", {})
+    headline = result.get("headline", {})
+    spearman = headline.get("spearman", {})
     if spearman.get("value") is None:
         return conclusion
     ci = spearman.get("ci") or [None, None]
     ci_text = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci[0] is not None else ""
-    p = result["headline"]["permutation"]["p"]
-    return f"Spearman ρ = {spearman['value']:.3f}{ci_text}, permutation p = {p:.3g}: {conclusion}"
+    text = (f"{headline.get('stratum', '')} pairs: |GradSim| vs |ΔlogP| ρ = {spearman['value']:.3f}{ci_text}: "
+            f"{conclusion}")
+    oracle = (result.get("predictor_table", {}).get("strata", {}).get("all", {}).get("magnitude", {})
+              .get("first_order") or {}).get("rho")
+    return text + (f"; first-order (oracle) ρ = {oracle:.2f}" if oracle is not None else "")
+
+
+def edit_predictors(cfg, out_dir: Path) -> str | None:
+    """Compute edit_predictors.npz (needs the model and edit_updates.pt); the reason when it cannot."""
+    from lit_coupling.analysis.edit_predictors import compute_edit_predictors
+
+    if not (out_dir / outputs.EDIT_UPDATES).exists():
+        return f"{outputs.EDIT_UPDATES} is missing (a ripple stage of an older version): rerun --stages ripple"
+    run = load_run(out_dir)
+    try:
+        arrays = compute_edit_predictors(out_dir, run.pieces, run.ripple, cfg.model_path or run.model.get("name"),
+                                         cfg.device)
+    except UserError as error:
+        return f"the model could not be loaded for the gradient predictors: {error}"
+    outputs.save_npz(out_dir / outputs.EDIT_PREDICTORS, **arrays)
+    return None
 
 
 def analysis_stage(cfg, out_dir: Path) -> StageResult:
     if not _is_rank_zero():
         return StageResult([], "rank > 0: the analysis runs on global rank 0")
     out_dir = Path(out_dir)
+    missing = edit_predictors(cfg, out_dir)
     table, result = analyse_run(load_run(out_dir), cfg.analysis, cfg.seed)
+    if missing and "predictor_table" in result:
+        result["predictor_table"]["why_unavailable"] = missing
     files = [outputs.write_text(out_dir / outputs.PAIR_TABLE, table.to_csv(index=False)),
              outputs.write_json(out_dir / outputs.CORRELATION, result)]
+    if not missing:
+        files.append(out_dir / outputs.EDIT_PREDICTORS)
     return StageResult([str(f) for f in files], headline_text(result))
 
 
@@ -71,6 +96,12 @@ def write_plots(run: RunData, table: pd.DataFrame, result: dict, out_dir: Path, 
     if "headline" in result:
         figures[outputs.COMPREHENSIVE] = plots.comprehensive_figure(table, run.coupling, run.pieces, result,
                                                                     name)
+    else:  # every run writes the same files; this one says why there is no ripple to plot
+        reason = result.get("verdict", {}).get("text", "no usable (edit, piece) pairs")
+        figures[outputs.COMPREHENSIVE] = plots.no_ripple_figure(run.coupling, run.pieces, reason, name)
+    if result.get("predictor_table", {}).get("ranking_all_pairs_magnitude"):
+        figures[outputs.PREDICTOR_PLOT] = plots.predictor_figure(result["predictor_table"],
+                                                                 f"Which similarity forecasts ripple, {name}")
     if result.get("by_layer"):
         edit_layers = [int(layer) for layer in (run.ripple.get("hparams") or {}).get("layers") or []]
         figures[outputs.LAYER_PLOT] = plots.layer_figure(

@@ -233,3 +233,166 @@ def distribution_summary(values: np.ndarray) -> dict:
         if len(nonzero) else None
     summary["wilcoxon_p"] = float(sps.wilcoxon(nonzero).pvalue) if len(nonzero) >= 2 else None
     return summary
+
+
+# --- two-way clustering: pairs share an edit *and* a piece -----------------------------------------------------
+
+
+def _codes(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    _, codes = np.unique(np.asarray(labels), return_inverse=True)
+    return codes.ravel(), int(codes.max()) + 1 if len(codes) else 0
+
+
+class TwoWayBootstrap:
+    """Resamples edits and pieces independently, with replacement; a pair (edit i, piece j) enters a resample as
+    many times as edit i was drawn times piece j was drawn (the "pigeonhole" two-way bootstrap, McCullagh 2000;
+    Owen 2007). Pairs of one edit move together (one edit shifts all its pieces), and so do pairs of one piece (a
+    fragile piece moves under every edit): resampling only edits would leave the piece effects' variance out.
+
+    Each resample is a weight per pair, so every statistic sees the same resamples (paired differences), and
+    Spearman's ρ of a resample is computed exactly (ties between copies included) without materialising it.
+    """
+
+    def __init__(self, edits: np.ndarray, pieces: np.ndarray, n_resamples: int, rng: np.random.Generator,
+                 chunk: int = 100):
+        self.edit_codes, n_edits = _codes(edits)
+        self.piece_codes, n_pieces = _codes(pieces)
+        self.n_resamples = n_resamples if n_edits >= 2 and n_pieces >= 2 else 0
+        self.chunk = chunk
+        # Counts drawn once: (B, n_edits) and (B, n_pieces) multinomial draws of a resample of each size.
+        self.edit_counts = np.stack([np.bincount(rng.integers(0, n_edits, n_edits), minlength=n_edits)
+                                     for _ in range(self.n_resamples)]) if self.n_resamples else np.empty((0, 0))
+        self.piece_counts = np.stack([np.bincount(rng.integers(0, n_pieces, n_pieces), minlength=n_pieces)
+                                      for _ in range(self.n_resamples)]) if self.n_resamples else np.empty((0, 0))
+
+    def weights(self, mask: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        """(b, n) pair weights, a chunk of resamples at a time (only the pairs in `mask`)."""
+        e, p = self.edit_codes, self.piece_codes
+        if mask is not None:
+            e, p = e[mask], p[mask]
+        for start in range(0, self.n_resamples, self.chunk):
+            stop = min(start + self.chunk, self.n_resamples)
+            yield (self.edit_counts[start:stop][:, e] * self.piece_counts[start:stop][:, p]).astype(np.float64)
+
+    def spearman_distribution(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Spearman ρ of x and y in every resample (restricted to `mask`, finite pairs only); NaN where undefined."""
+        keep = finite_mask(x, y) if mask is None else (mask & finite_mask(x, y))
+        x, y = np.asarray(x, np.float64)[keep], np.asarray(y, np.float64)[keep]
+        out = []
+        rank_x, rank_y = _WeightedRanker(x), _WeightedRanker(y)
+        for w in self.weights(keep):
+            out.append(weighted_pearson(rank_x(w), rank_y(w), w))
+        return np.concatenate(out) if out else np.empty(0)
+
+
+def spearman_table(boot: TwoWayBootstrap, predictors: dict[str, np.ndarray], y: np.ndarray,
+                   mask: np.ndarray) -> dict[str, tuple[float, np.ndarray, np.ndarray]]:
+    """For each predictor: (Spearman ρ with y over the pairs in `mask` where both are finite, its bootstrap
+    distribution, the mask used). Predictors finite on the same pairs share y's ranks and every resample's
+    weights, so their distributions are paired."""
+    groups: dict[bytes, list[str]] = {}
+    masks = {}
+    for name, x in predictors.items():
+        keep = mask & finite_mask(x, y)
+        masks[name] = keep
+        groups.setdefault(np.packbits(keep).tobytes(), []).append(name)
+    out = {}
+    for names in groups.values():
+        keep = masks[names[0]]
+        yk = np.asarray(y, np.float64)[keep]
+        xs = {name: np.asarray(predictors[name], np.float64)[keep] for name in names}
+        points = {name: spearman(x, yk) for name, x in xs.items()}
+        rank_y = _WeightedRanker(yk)
+        rankers = {name: _WeightedRanker(x) for name, x in xs.items()}
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        if keep.sum() >= 3:
+            for w in boot.weights(keep):
+                ry = rank_y(w)
+                for name in names:
+                    parts[name].append(weighted_pearson(rankers[name](w), ry, w))
+        for name in names:
+            dist = np.concatenate(parts[name]) if parts[name] else np.empty(0)
+            out[name] = (points[name], dist, keep)
+    return out
+
+
+class _WeightedRanker:
+    """Mid-ranks of a sample in which value k appears w_k times, for many weight vectors at once: sort once, then
+    each resample is a cumulative sum."""
+
+    def __init__(self, values: np.ndarray):
+        self.order = np.argsort(values, kind="mergesort")
+        self.inverse = np.empty_like(self.order)
+        self.inverse[self.order] = np.arange(len(values))
+        ordered = values[self.order]
+        starts = np.r_[True, ordered[1:] != ordered[:-1]] if len(values) else np.array([], bool)
+        self.ties = bool(len(values)) and not starts.all()
+        self.starts = np.flatnonzero(starts)
+        self.group_of = (np.cumsum(starts) - 1)[self.inverse]  # each value's tie group
+
+    def __call__(self, weights: np.ndarray) -> np.ndarray:
+        if weights.shape[1] == 0:
+            return weights.copy()
+        ordered = weights[:, self.order]
+        if not self.ties:  # rank of a value's copies: all copies before it, plus the middle of its own
+            ranks = np.cumsum(ordered, axis=1)
+            ordered -= 1
+            ordered *= 0.5
+            ranks -= ordered
+            return ranks[:, self.inverse]
+        totals = np.add.reduceat(ordered, self.starts, axis=1)  # (b, groups): copies per tie group
+        mid = np.cumsum(totals, axis=1) - (totals - 1) / 2
+        return mid[:, self.group_of]
+
+
+def weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Row-wise Pearson r of (b, n) arrays x, y with weights w (copies); NaN where a variable is constant."""
+    total = w.sum(1)
+    wx = w * x
+    sx, sy = wx.sum(1), np.einsum("ij,ij->i", w, y)
+    sxy = np.einsum("ij,ij->i", wx, y)
+    sxx = np.einsum("ij,ij->i", wx, x)
+    syy = np.einsum("ij,ij->i", w * y, y)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cov = sxy - sx * sy / total
+        var = (sxx - sx * sx / total) * (syy - sy * sy / total)
+        r = cov / np.sqrt(var)
+    r[~(var > 1e-12 * np.maximum(sxx * syy, 1e-300))] = np.nan
+    return np.clip(r, -1.0, 1.0)
+
+
+def two_way_permutation_test(x: np.ndarray, y: np.ndarray, edits: np.ndarray, pieces: np.ndarray,
+                             n_permutations: int, rng: np.random.Generator, chunk: int = 50) -> dict:
+    """Two-sided test of the pooled Spearman ρ against relabelling edits and pieces of the ripple.
+
+    The ripple of pair (i, j) is replaced by that of (σ(i), π(j)) for random permutations σ of the edits and π of
+    the pieces (pairs whose image was not measured — an edit's own source piece — drop out). Under the null that
+    ripple is independent of the predictor and its edit and piece effects are exchangeable, this keeps both
+    clusterings of the ripple intact, which shuffling within an edit does not: with piece effects in both the
+    predictor and the ripple, a within-edit shuffle gives type-I error far above α (tests/test_analysis_stats.py,
+    the null-world simulation)."""
+    keep = finite_mask(x, y)
+    x, y = np.asarray(x, np.float64)[keep], np.asarray(y, np.float64)[keep]
+    e, n_e = _codes(np.asarray(edits)[keep])
+    p, n_p = _codes(np.asarray(pieces)[keep])
+    if not (_varies(x) and _varies(y)) or n_e < 2 or n_p < 2:
+        return {"observed": None, "p": None, "n_permutations": 0, "scheme": "edits × pieces relabelled"}
+    # Ranks are taken once over all pairs; a permutation that maps a pair onto an unmeasured one drops it, and
+    # the statistic is the Pearson r of the fixed ranks over the kept pairs (on the observed data: Spearman's ρ).
+    rx, ry = rank(x), rank(y)
+    observed = pearson(rx, ry)
+    grid = np.full((n_e, n_p), np.nan)
+    grid[e, p] = ry
+    as_extreme = done = 0
+    for start in range(0, n_permutations, chunk):
+        b = min(chunk, n_permutations - start)
+        sigma = np.argsort(rng.random((b, n_e)), axis=1)
+        pi = np.argsort(rng.random((b, n_p)), axis=1)
+        permuted = grid[sigma[:, e], pi[:, p]]  # (b, pairs)
+        ok = np.isfinite(permuted).astype(np.float64)
+        r = weighted_pearson(np.broadcast_to(rx, permuted.shape), np.nan_to_num(permuted), ok)
+        r = r[np.isfinite(r)]
+        as_extreme += int(np.sum(np.abs(r) >= abs(observed) - 1e-12))
+        done += len(r)
+    return {"observed": observed, "p": (as_extreme + 1) / (done + 1), "n_permutations": int(done),
+            "scheme": "edits × pieces relabelled"}

@@ -33,6 +33,8 @@ class KnowledgePiece:
     links: list[str] = field(default_factory=list)  # ids of the other pieces of the chain
     prompt_ids: list[int] = field(default_factory=list)  # exactly the tokens scored (BOS included if used)
     answer_ids: list[int] = field(default_factory=list)
+    shape: str = ""  # how the chain was found: bridge | described | answer-entity | comparison ("" in old files)
+    original_sentence: str = ""  # a restated piece's supporting sentence (source_sentence is the restatement)
 
     @property
     def is_single_hop(self) -> bool:

@@ -33,8 +33,30 @@ def pieces_document(extraction: Extraction, source: dict, model: dict, tokenizer
         "counts": extraction.counts(),
         "skipped": extraction.skipped(),
         "skipped_records": [s.to_dict() for s in extraction.skips],
+        "rejected_candidates": extraction.rejected_candidates(),
         "pieces": [p.to_dict() for p in extraction.pieces],
     }
+
+
+def drop_table(doc: dict) -> str:
+    """The pieces stage's report: what the records gave, then every drop by reason (whole records, single pieces),
+    then the candidate clozes the statement filter turned down (docs/pieces.md)."""
+    counts = doc["counts"]
+    records, bridges = counts["records"], counts.get("bridge_records", 0)
+    pct = lambda n, d: f"{n}/{d} ({100 * n / d:.0f}%)" if d else f"{n}/0"  # noqa: E731
+    lines = [f"records with at least one piece: {pct(counts['records_with_pieces'], records)}",
+             f"bridge chains with both hops: {pct(counts.get('bridge_two_hops', 0), bridges)}"]
+    by_reason: dict[str, list[int]] = {}
+    for skip in doc["skipped_records"]:
+        by_reason.setdefault(skip["reason"], [0, 0])[skip["piece"] != "record"] += 1
+    rows = [(reason, str(n_records), str(n_pieces)) for reason, (n_records, n_pieces)
+            in sorted(by_reason.items(), key=lambda item: -sum(item[1]))]
+    rows += [(f"(candidate cloze) {reason}", "", str(n)) for reason, n in doc.get("rejected_candidates", {}).items()]
+    if rows:
+        width = max(len("dropped because"), *(len(r[0]) for r in rows))
+        lines += [f"{'dropped because':<{width}}  records  pieces"]
+        lines += [f"{reason:<{width}}  {n_records:>7}  {n_pieces:>6}" for reason, n_records, n_pieces in rows]
+    return "\n".join(lines)
 
 
 def build_pieces(hotpot_data: str | None, model_path: str, max_samples: int | None = None, seed: int = 0,
@@ -69,6 +91,7 @@ def pieces_stage(cfg, out_dir: Path):
     path = Path(out_dir) / PIECES
     if rank_zero_only.rank == 0:  # under DDP every rank runs the command; one writes
         write_json(path, doc)
+        print(drop_table(doc), flush=True)
     counts, skipped = doc["counts"], sum(doc["skipped"].values())
     kinds = ", ".join(f"{k} {n}" for k, n in counts["by_kind"].items())
     return StageResult([str(path)], f"{counts['pieces']} pieces ({kinds}) from {counts['records']} records, "

@@ -19,10 +19,12 @@ live"):
 
 from __future__ import annotations
 
+import itertools
 import random
 import sys
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from lit_coupling.outputs import read_json, stable_hash, write_json
@@ -242,6 +244,25 @@ def world_records(world: World) -> list[dict]:
             "level": "synthetic",
         })
     return records
+
+
+def world_texts(spec: WorldSpec, prefixes: tuple[str, ...] | None = None) -> Iterator[str]:
+    """Endless text of the kind the embedded models are trained on: fact sentences behind the training prefixes.
+
+    Round 0 is `spec`'s own world, every fact in every template behind every prefix (the injection data); round r
+    is the world of seed `spec.seed + r` in the same form (new names, the same relations, templates and prefixes).
+    Each round is shuffled (seeded). The MEMIT key covariance of the embedded models is estimated from it: their
+    HotpotQA-shaped world file holds only a few thousand tokens, too few for a well-conditioned covariance.
+    """
+    from lit_coupling.data.facts import DEFAULT_PREFIXES
+
+    prefixes = DEFAULT_PREFIXES if prefixes is None else prefixes
+    for round_ in itertools.count():
+        world = generate_world(replace(spec, seed=spec.seed + round_))
+        texts = [f"{prefix} {sentence}" if prefix else sentence
+                 for fact in world.facts for sentence in fact.paraphrases() for prefix in prefixes]
+        random.Random(spec.seed + 7919 * (round_ + 1)).shuffle(texts)
+        yield from texts
 
 
 def record_id(spec: WorldSpec, index: int) -> str:

@@ -75,6 +75,11 @@ class RippleWriter(Callback):
         self.summary = summarise(records)
         if trainer.global_rank != 0:
             return
+        self.write(records, pl_module)
+
+    def write(self, records: list[dict], pl_module) -> None:
+        """Write both files (also with no edit at all: the baseline then says what the model knew)."""
+        self.summary = summarise(records)
         doc = {
             "format": RIPPLE_FORMAT,
             **pl_module.ripple_header(),

@@ -98,6 +98,19 @@ def hf_texts(spec: str) -> tuple[Iterator[str], str]:
     return (t for t in data[column] if t and t.strip()), data._fingerprint
 
 
+def synthetic_world_corpus(path: str | Path) -> Corpus | None:
+    """For a synthetic world file (it has a ground-truth sidecar): endless fact text of that world and of further
+    seeds, as the tiny models are trained on (`data.world.world_texts`); None for any other file."""
+    from lit_coupling.data.world import WorldSpec, load_truth, world_texts
+
+    truth = load_truth(path) if Path(path).suffix == ".json" else None
+    if not truth or "spec" not in truth:
+        return None
+    spec = WorldSpec(**truth["spec"])
+    fingerprint = stable_hash(["world_texts/1: every fact, template and prefix; then the next seeds", truth["spec"]])
+    return Corpus(f"world-text:{Path(path).name}", fingerprint[:16], lambda: world_texts(spec))
+
+
 def resolve_corpus(corpus: str, hotpot_path: str | Path | None = None) -> Corpus:
     """`hotpot` (the pieces' HotpotQA file), a .json/.jsonl HotpotQA file, a text file (a document a line), or
     hf:…"""
@@ -108,6 +121,9 @@ def resolve_corpus(corpus: str, hotpot_path: str | Path | None = None) -> Corpus
                 f"{hotpot_path!r} is not there: name one with --memit.cov_corpus FILE"
             )
         corpus = str(hotpot_path)
+        world = synthetic_world_corpus(corpus)
+        if world is not None:  # the embedded models' world: more of the text they were trained on
+            return world
     if corpus.startswith("hf:"):
         _, fingerprint = hf_texts(corpus)
         return Corpus(corpus, fingerprint, lambda: hf_texts(corpus)[0])
@@ -130,20 +146,43 @@ def resolve_corpus(corpus: str, hotpot_path: str | Path | None = None) -> Corpus
 
 
 def token_batches(
-    tokenizer, documents: Iterable[str], bos_ids: Sequence[int], max_length: int, batch_size: int
+    tokenizer, documents: Iterable[str], bos_ids: Sequence[int], max_length: int, batch_size: int,
+    windows: list[tuple[int, int]] | None = None, area: int | None = None,
 ) -> Iterator[list[list[int]]]:
-    """Documents cut into windows of at most `max_length` tokens (BOS first), `batch_size` windows a batch."""
+    """Documents cut into windows of at most `max_length` tokens (BOS first), batched by padded size: a batch holds
+    `batch_size` full windows, or more shorter ones in the same padded area (short texts, such as the synthetic
+    world's sentences, then run 5-10 times fewer forward passes).
+
+    `windows`, when given, receives (document index, window length) of every window, in order (`texts_read`);
+    `area` overrides the padded area of a batch (default `batch_size` × `max_length`).
+    """
+    area = area or batch_size * max_length
     batch: list[list[int]] = []
     step = max_length - len(bos_ids)
-    for text in documents:
+    widest = 0
+    for index, text in enumerate(documents):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         for start in range(0, len(ids), step):
             batch.append(list(bos_ids) + ids[start : start + step])
-            if len(batch) == batch_size:
+            widest = max(widest, len(batch[-1]))
+            if windows is not None:
+                windows.append((index, len(batch[-1])))
+            if (len(batch) + 1) * widest > area:
+                widest = 0
                 yield batch
                 batch = []
     if batch:
         yield batch
+
+
+def texts_read(windows: Sequence[tuple[int, int]], tokens: int) -> int:
+    """How many documents the first `tokens` tokens of these windows come from (the last one perhaps in part)."""
+    counted = 0
+    for index, length in windows:
+        counted += length
+        if counted >= tokens:
+            return index + 1
+    return windows[-1][0] + 1 if windows else 0
 
 
 @dataclass
@@ -345,6 +384,9 @@ def key_covariances(
     """
     model = adapter.model
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if tokens < 1:  # not "a corpus with no text": no token was asked for
+        raise UserError(f"cov_tokens {tokens} (--memit.cov_tokens): the key covariance needs at least one corpus "
+                        f"token per layer; 100000 is the default")
     cache = CovarianceCache(
         Path(stats_dir) if stats_dir else default_stats_dir(),
         model_name,
@@ -369,8 +411,9 @@ def key_covariances(
     if not compute:
         raise FileNotFoundError(f"key statistics missing from the cache: {cache.path(names[missing[0]])}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    area = batch_size * max_length  # a model with a shorter context gets more windows a batch, not smaller batches
     max_length = min(max_length, context_length(model.config) or max_length)
-    batching = {"max_length": max_length, "batch_size": batch_size, "bos": list(bos_ids)}
+    batching = {"max_length": max_length, "batch_size": batch_size, "bos": list(bos_ids), "area": area}
     partial = cache.partial_path([names[layer] for layer in missing], batching)
     state = None
     if partial.exists():
@@ -395,7 +438,8 @@ def key_covariances(
         )
 
     start = time.perf_counter()
-    batches = token_batches(tokenizer, corpus.documents(), bos_ids, max_length, batch_size)
+    windows: list[tuple[int, int]] = []
+    batches = token_batches(tokenizer, corpus.documents(), bos_ids, max_length, batch_size, windows, area)
     state = accumulate_moments(
         adapter, batches, missing, tokens, pad_id, state, checkpoint, checkpoint_every_s, progress
     )
@@ -407,6 +451,7 @@ def key_covariances(
         meta = {
             **cache.meta(names[layer], state.count),
             "seconds": round(elapsed, 3),
+            "texts": texts_read(windows, state.count),  # the reference's mom2_n_samples counts these
             "mean_fourth_power": state.fourth[layer] / state.count,
         }
         save_torch(cache.path(names[layer]), {"mom2": mean, "meta": meta})
@@ -447,3 +492,57 @@ def shrink(
     if alpha == 0.0:
         return c, 0.0
     return (1 - alpha) * c + alpha * mu * torch.eye(d, dtype=c.dtype, device=c.device), alpha
+
+
+# --- how well the covariance is estimated -----------------------------------------------------------------
+
+# Below this many corpus tokens (keys) per key dimension the estimate of C is noise-dominated in its small
+# eigenvalues: for n keys in d dimensions they are biased low by about (1 − √(d/n))² (Marchenko–Pastur): 0.50 at
+# 12 tokens per dimension, 0.73 at 50, 0.81 at 100. (λC + KKᵀ)⁻¹ is steered by exactly those directions: measured on
+# the embedded models (docs/memit.md), Ledoit-Wolf shrinkage moved ΔW by 54-75% at 7-12 tokens per dimension and by
+# 5-26% at 195-291. The reference's 44M keys give GPT-2 XL about 6,900 per dimension.
+MIN_TOKENS_PER_DIM = 50.0
+
+
+def covariance_quality(mom2: torch.Tensor, tokens: int, texts: int | None = None, name: str = "") -> dict:
+    """Tokens, texts, tokens per key dimension and condition number (largest / smallest eigenvalue, float64) of
+    one layer's C; warns when there are fewer than MIN_TOKENS_PER_DIM tokens per dimension or C is singular."""
+    import warnings
+
+    d = mom2.shape[0]
+    eig = torch.linalg.eigvalsh(mom2.to(torch.float64))
+    smallest, largest = float(eig[0]), float(eig[-1])
+    singular = smallest <= largest * d * torch.finfo(torch.float64).eps
+    quality = {
+        "tokens": int(tokens),
+        "texts": texts,
+        "key_dim": d,
+        "tokens_per_dim": round(tokens / d, 2),
+        "condition_number": None if singular else largest / smallest,  # None: singular (JSON has no infinity)
+        "eigenvalue_min": smallest,
+        "eigenvalue_max": largest,
+        "well_estimated": bool(tokens / d >= MIN_TOKENS_PER_DIM and not singular),
+    }
+    if not quality["well_estimated"]:
+        warnings.warn(
+            f"the key covariance{' of ' + name if name else ''} comes from {tokens} tokens for {d} key dimensions "
+            f"({tokens / d:.1f} per dimension{', singular' if singular else ''}); below {MIN_TOKENS_PER_DIM:g} "
+            f"per dimension its small eigenvalues are noise and MEMIT's update is unreliable: give more text "
+            f"(--memit.cov_tokens, --memit.cov_corpus FILE; docs/memit.md)", stacklevel=2)
+    return quality
+
+
+def covariance_totals(layers: dict[str, dict]) -> dict:
+    """The run-level figures of the per-layer `covariance_quality` records: tokens and texts (every layer reads the
+    same corpus), the lowest tokens per dimension and the worst condition number."""
+    if not layers:
+        return {}
+    records = list(layers.values())
+    conditions = [r["condition_number"] for r in records]
+    return {
+        "tokens": records[0]["tokens"],
+        "texts": records[0]["texts"],
+        "min_tokens_per_dim": min(r["tokens_per_dim"] for r in records),
+        "max_condition_number": None if None in conditions else max(conditions),
+        "min_tokens_per_dim_threshold": MIN_TOKENS_PER_DIM,
+    }

@@ -14,12 +14,13 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from lit_coupling.editing.hparams import MemitHparams
+from lit_coupling.editing.progress import Progress
 from lit_coupling.editing.requests import EditRequest, TokenizedPrompt, kl_prompt, request_prompts
 from lit_coupling.models.adapters import ModelAdapter
 from lit_coupling.scoring import collate_clozes
@@ -75,8 +76,16 @@ def closed_form_update(
     residuals: torch.Tensor, keys: torch.Tensor, solver: CovarianceSolver, lam: float
 ) -> torch.Tensor:
     """ΔW = R [(λC + KKᵀ)⁻¹K]ᵀ, (out, in) orientation, float64; R: (d_out, n) residuals, K: (d_in, n) keys."""
+    u, v = closed_form_factors(residuals, keys, solver, lam)
+    return u @ v.T
+
+
+def closed_form_factors(
+    residuals: torch.Tensor, keys: torch.Tensor, solver: CovarianceSolver, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update as low-rank factors (U, V), ΔW = U Vᵀ: U = R (d_out, n), V = (λC + KKᵀ)⁻¹K (d_in, n)."""
     adjusted = solver.adjusted_keys(keys, lam)
-    return residuals.to(adjusted) @ adjusted.T
+    return residuals.to(adjusted), adjusted
 
 
 # --- running the model
@@ -119,6 +128,11 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _work(x: torch.Tensor) -> torch.Tensor:
+    """The precision the edit is computed in: float32, or float64 for a float64 model (the parity test's)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @torch.no_grad()
 def capture_at_subject(
     adapter: ModelAdapter, batch: PromptBatch, key_layers: Sequence[int], hidden_layer: int
@@ -126,7 +140,8 @@ def capture_at_subject(
     """Keys (inputs of the MLP output projections) at `key_layers` and block `hidden_layer`'s output, at each
     row's fact token (the subject's last token unless `fact_token` says otherwise).
 
-    Only the blocks up to `hidden_layer` run. Returns ({layer: (B, d_in) float32}, (B, d_model) float32).
+    Only the blocks up to `hidden_layer` run. Returns ({layer: (B, d_in)}, (B, d_model)), float32 (float64 for a
+    float64 model).
     """
     rows, cols = batch.rows, batch.fact_index
     keys: dict[int, torch.Tensor] = {}
@@ -134,12 +149,12 @@ def capture_at_subject(
 
     def key_hook(layer):
         def hook(_module, args):
-            keys[layer] = args[0][rows, cols].float()
+            keys[layer] = _work(args[0][rows, cols])
 
         return hook
 
     def block_hook(_module, _args, output):
-        found["h"] = _hidden(output)[rows, cols].float()
+        found["h"] = _work(_hidden(output)[rows, cols])
         raise _StopForward
 
     handles = [
@@ -264,6 +279,7 @@ def optimise_target(
     kl: TokenizedPrompt,
     hp: MemitHparams,
     pad_id: int,
+    progress: bool = False,
 ) -> TargetVector:
     """Find δ at the last edit layer so the model outputs the new answer after every prefixed prompt.
 
@@ -282,22 +298,24 @@ def optimise_target(
     rows = torch.cat([t_rows, kl_row])
     cols = torch.cat([t_cols, batch.fact_index[n_rewrite:]])
     editor = ResidualEditor(adapter, batch, layer, (rows, cols))
-    h0 = editor.hidden[0, batch.fact_index[0]].float()
+    h0 = _work(editor.hidden[0, batch.fact_index[0]])
     h_norm = h0.norm()
-    tokens_per_row = target_mask.sum(1).float()
+    tokens_per_row = target_mask.sum(1).to(h0.dtype)
 
     delta = torch.zeros_like(h0, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
     kl_init: torch.Tensor | None = None
     nll = torch.tensor(float("nan"))
     steps = 0
+    bar = Progress(hp.v_num_grad_steps, "target vector (stops early at the loss floor)", progress, "step")
     with torch.enable_grad():
         for step in range(hp.v_num_grad_steps):
             steps = step + 1
-            logits = editor.logits(delta).float()
+            bar.update()
+            logits = _work(editor.logits(delta))
             log_probs = torch.log_softmax(logits[: len(t_rows)], dim=-1)
             token_logp = log_probs.gather(-1, targets[:, None]).squeeze(-1)
-            per_row = torch.zeros(n_rewrite, device=device).index_add(0, t_rows, token_logp)
+            per_row = torch.zeros(n_rewrite, device=device, dtype=h0.dtype).index_add(0, t_rows, token_logp)
             nll = -(per_row / tokens_per_row).mean()
             kl_logp = torch.log_softmax(logits[len(t_rows) :], dim=-1)
             if kl_init is None:
@@ -317,6 +335,7 @@ def optimise_target(
                 max_norm = hp.clamp_norm_factor * h_norm
                 if delta.norm() > max_norm:
                     delta.mul_(max_norm / delta.norm())
+    bar.close()
     z = (h0 + delta).detach()
     if not torch.isfinite(z).all():
         raise EditError("the target vector is not finite")
@@ -373,6 +392,8 @@ class EditResult:
     residual_norms: dict[int, float]  # mean ‖z − h‖ remaining before each layer's update
     time_targets_s: float
     time_updates_s: float
+    # layer → (U, V), ΔW_l = U Vᵀ (out, in), float64: the ripple stage saves them (edit_updates.pt)
+    updates: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def _mean_keys(keys: torch.Tensor, n_requests: int, n_prompts: int) -> torch.Tensor:
@@ -393,6 +414,7 @@ def apply_memit(
     prefixes: Sequence[str],
     bos_ids: Sequence[int],
     pad_id: int,
+    progress: bool = False,
 ) -> EditResult:
     """Edit every request at once: targets at the last edit layer, then the update of each layer in turn.
 
@@ -402,7 +424,8 @@ def apply_memit(
     start = time.perf_counter()
     prompts = [request_prompts(tokenizer, r, contexts, bos_ids, hp.fact_token) for r in requests]
     targets = [
-        optimise_target(adapter, p, kl_prompt(tokenizer, r.subject, bos_ids, hp.fact_token), hp, pad_id)
+        optimise_target(adapter, p, kl_prompt(tokenizer, r.subject, bos_ids, hp.fact_token), hp, pad_id,
+                        progress)
         for r, p in zip(requests, prompts)
     ]
     t_targets = time.perf_counter() - start
@@ -410,17 +433,21 @@ def apply_memit(
     batch = PromptBatch.of([p for per_request in prompts for p in per_request], pad_id, device)
     bare = torch.arange(len(requests), device=device) * len(contexts)
     last = hp.layers[-1]
-    delta_norms, residual_norms = {}, {}
+    delta_norms, residual_norms, updates = {}, {}, {}
     for i, layer in enumerate(hp.layers):
         keys, hidden = capture_at_subject(adapter, batch, [layer], last)
         k = _mean_keys(keys[layer], len(requests), len(contexts))
         residual = z - hidden[bare].T  # re-measured: earlier layers' updates already moved it
         residual_norms[layer] = residual.norm(dim=0).mean().item()
-        update = closed_form_update(residual / (len(hp.layers) - i), k, solvers[layer], hp.mom2_update_weight)
+        spread = residual / (len(hp.layers) - i)
+        update = closed_form_update(spread, k, solvers[layer], hp.mom2_update_weight)
         if not torch.isfinite(update).all():
             raise EditError(f"the update of layer {layer} is not finite")
         adapter.target(layer).add_(update)
         delta_norms[layer] = update.norm().item()
+        # ΔW = R Vᵀ with R the spread residuals: V = ΔWᵀR(RᵀR)⁺ recovers the keys' factor exactly
+        u = spread.to(update)
+        updates[layer] = (u, update.T @ u @ torch.linalg.pinv(u.T @ u))
     return EditResult(
-        targets, delta_norms, residual_norms, t_targets, time.perf_counter() - start - t_targets
+        targets, delta_norms, residual_norms, t_targets, time.perf_counter() - start - t_targets, updates
     )

@@ -25,4 +25,61 @@ class MemitOptions:
     on_edit_error: str = "record"
     """record (a failed edit is written with its error, the run goes on) or raise."""
     progress: bool = True
-    """Show progress bars."""
+    """Show progress: bars with an ETA on a terminal, one line per step in a log (scoring before and after each
+    edit, each edit's target optimisation, one line per finished edit)."""
+    known: str = "generated"
+    """Which facts count as known before editing; edit sources are drawn only from known ones: generated (the
+    default: greedy decoding of the prompt reads as the answer), teacher_forced (every answer token is the top
+    choice), top1_first_token, or any (no filter)."""
+    edit_source: str = "pieces"
+    """Where the edits come from: pieces (single-fact pieces with same-type counterfactuals) or counterfact:PATH
+    (CounterFact's requested rewrites, original or flat schema; the pieces are then the ripple's targets, and the
+    efficacy, paraphrase and neighbourhood scores of Meng et al. 2022 are reported beside the ripple)."""
+    editor: str = "memit"
+    """memit, or ft: the positive control, FT-L style constrained gradient ascent on the new answer at the same
+    edit layers (lit_coupling/editing/finetune.py)."""
+    ft_steps: int = 1
+    """ft editor: gradient steps (1: the first-order control)."""
+    ft_lr: float = 1.0
+    """ft editor: step size on Σ log P(new answer tokens | prompt)."""
+    ft_max_norm: float = 0.05
+    """ft editor: ‖ΔW‖_F over the edit layers ≤ ft_max_norm · ‖W‖_F."""
+
+    def validate(self) -> None:
+        """Refuse bad values before any stage computes (a MEMIT run on a large model takes hours)."""
+        from pathlib import Path
+
+        from lit_coupling import errors as E
+
+        E.check_text("memit.hparams", self.hparams, optional=False)
+        if self.hparams != "auto" and not Path(self.hparams).expanduser().is_file():
+            raise E.bad_setting("memit.hparams", self.hparams, "auto or a YAML file of MEMIT hyperparameters",
+                                "No such file: check the path (configs/memit/ holds the shipped sets)")
+        E.check_layer_spec("memit.layers", self.layers)
+        E.check_text("memit.cov_corpus", self.cov_corpus, optional=False)
+        corpus = self.cov_corpus
+        if corpus != "hotpot" and not corpus.startswith("hf:") and not Path(corpus).expanduser().is_file():
+            raise E.bad_setting("memit.cov_corpus", corpus, "hotpot, a .txt/.json/.jsonl file, or "
+                                "hf:NAME[:CONFIG][:SPLIT]", "No such file: check the path")
+        E.check_int("memit.cov_tokens", self.cov_tokens, 1,
+                    hint="it is the number of corpus tokens the key covariance of each edit layer is estimated "
+                         "from (100000 is the default)")
+        E.check_int("memit.batch_size", self.batch_size, 1)
+        E.check_choice("memit.on_edit_error", self.on_edit_error, ("record", "raise"))
+        E.check_choice("memit.known", self.known, ("generated", "teacher_forced", "top1_first_token", "any"))
+        source = self.edit_source
+        if source != "pieces" and not (isinstance(source, str) and source.startswith("counterfact:")):
+            raise E.bad_setting("memit.edit_source", source, "pieces or counterfact:PATH")
+        if source.startswith("counterfact:") and not Path(source.partition(":")[2]).expanduser().is_file():
+            raise E.bad_setting("memit.edit_source", source, "pieces or counterfact:PATH",
+                                f"No such file: {source.partition(':')[2]}")
+        E.check_choice("memit.editor", self.editor, ("memit", "ft"))
+        E.check_int("memit.ft_steps", self.ft_steps, 1)
+        E.check_float("memit.ft_lr", self.ft_lr, 0, low_open=True)
+        E.check_float("memit.ft_max_norm", self.ft_max_norm, 0, low_open=True)
+        E.check_choice("memit.known", self.known, ("generated", "teacher_forced", "top1_first_token", "any"))
+        source = self.edit_source
+        if source != "pieces" and not (source.startswith("counterfact:")
+                                       and Path(source.removeprefix("counterfact:")).expanduser().is_file()):
+            raise E.bad_setting("memit.edit_source", source, "pieces or counterfact:PATH (a CounterFact JSON file)",
+                                "No such file: check the path" if source.startswith("counterfact:") else "")

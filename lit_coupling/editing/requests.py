@@ -9,11 +9,21 @@ BOS ids put in front — so a LLaMA BOS never moves the position MEMIT reads key
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from lit_coupling.data.counterfact import CounterFactCase
 from lit_coupling.data.piece import KnowledgePiece
+from lit_coupling.editing.answer_types import (
+    TypedEntities,
+    answer_type,
+    entities_from_paragraphs,
+    entities_from_truth,
+    same_type_candidates,
+)
 from lit_coupling.errors import UserError
 from lit_coupling.scoring import cloze_text, encode_cloze, normalize_answer
 
@@ -25,12 +35,16 @@ class EditRequest:
     """Change the answer of one piece's prompt from `target_true` to `target_new`."""
 
     edit_id: int
-    source_index: int  # position of the edited piece in knowledge_pieces.json
+    source_index: int  # position of the edited piece in knowledge_pieces.json; -1: a CounterFact case
     source_id: str
     prompt: str
     subject: str
     target_true: str
     target_new: str
+    answer_type: str = ""  # the type both answers share (year, person, nationality, ...): answer_types.py
+    type_evidence: str = ""  # how the type was decided (shape, lexicon, paragraph title, relation, ...)
+    # A CounterFact case: its paraphrase and neighbourhood prompts (the standard metrics), None for a piece.
+    counterfact: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +55,10 @@ class RequestPlan:
     requests: list[EditRequest]
     eligible: int  # pieces that could have been edited
     skipped: dict[str, int] = field(default_factory=dict)  # reason → count, for pieces that could not be
+    sources: int = 0  # candidate sources (single-fact pieces, or CounterFact cases)
+    known: int | None = None  # of them, known to the model before editing (None: not judged)
+    unmatched: int = 0  # sources whose answer no same-type counterfactual could be found for (not edited)
+    types: dict[str, int] = field(default_factory=dict)  # answer type → eligible sources of that type
 
 
 def subject_span(prompt: str, subject: str) -> tuple[int, int] | None:
@@ -56,50 +74,174 @@ def relation_template(piece: KnowledgePiece) -> str | None:
     return None if span is None else piece.prompt[: span[0]] + "{}" + piece.prompt[span[1] :]
 
 
-def plan_requests(pieces: Sequence[KnowledgePiece], max_experiments: int, seed: int = 0) -> RequestPlan:
-    """`max_experiments` single-fact pieces, drawn seeded, each with a counterfactual answer.
+def entities_for_source(path: str | Path | None) -> TypedEntities:
+    """Typed entity names of the pieces' source: the synthetic world's truth when it has one, else the
+    HotpotQA records' paragraphs (each title typed by its own text). Empty when the file is gone."""
+    from lit_coupling.data.hotpotqa import normalize_record, parse_records
+    from lit_coupling.data.world import load_truth
 
-    The new answer is drawn from the answers of pieces with the same relation template when there are any (so
-    an
-    author is replaced by an author, as in CounterFact), else from the answers of pieces of the same kind;
-    never
-    one that normalises to the true answer. Sources are a seeded shuffle of the eligible pieces, so a smaller
-    `max_experiments` edits a prefix of what a larger one edits; each counterfactual is drawn from a generator
-    seeded by (seed, piece id), so it does not depend on which other pieces are edited.
+    if not path or not Path(path).is_file():
+        return TypedEntities()
+    truth = load_truth(path)
+    if truth is not None:
+        return entities_from_truth(truth)
+    raw, _ = parse_records(path)
+    paragraphs: dict[str, list[str]] = {}
+    for i, record in enumerate(raw):
+        context = normalize_record(record, i, path)["context"]
+        for title, sentences in zip(context["title"], context["sentences"]):
+            paragraphs.setdefault(title, list(sentences))
+    return entities_from_paragraphs(paragraphs.items())
+
+
+_FUNCTION_WORDS = frozenset("a an the is was are were be been of in on at to for from by with as and or its his "
+                            "her their it he she they".split())
+
+
+def names_a_relation(template: str) -> bool:
+    """A template that says something besides its subject ("born in: {}", "The author of {} is"); "{} is a" is
+    shared by facts of every kind and types nothing."""
+    return any(w.lower() not in _FUNCTION_WORDS for w in re.findall(r"[A-Za-z]+", template))
+
+
+NOT_KNOWN = "not known to the model before the edit"
+NO_SAME_TYPE = "no counterfactual of the same type"
+
+
+@dataclass
+class Counterfactual:
+    new: str
+    kind: str
+    evidence: str
+
+
+def counterfactual_choices(
+    pieces: Sequence[KnowledgePiece], entities: TypedEntities | None = None
+) -> dict[int, tuple[list[str], str, str] | None]:
+    """For each single-fact piece: (same-type candidates, type, evidence), or None when none could be found.
+
+    The type comes from the answer itself (answer_types.answer_type); the candidates are the answers of pieces
+    with the same relation template and type when there are any (CounterFact: the objects of the same relation),
+    else every answer and entity name of the type in the data. An answer of no type is matched by its relation
+    template alone (the synthetic worlds' relations, whose objects share a type); otherwise it is unmatched.
     """
-    answers: dict[tuple[str, str | None], list[str]] = {}
-    for piece in pieces:
-        for key in ((piece.kind, None), (piece.kind, relation_template(piece))):
-            answers.setdefault(key, [])
-            if piece.answer not in answers[key]:
-                answers[key].append(piece.answer)
-    skipped: Counter[str] = Counter()
-    eligible: list[tuple[int, str]] = []
+    entities = entities or TypedEntities()
+    typed = [answer_type(p.answer, p.prompt, entities) for p in pieces]
+    by_template: dict[str, list[int]] = {}
+    for index, piece in enumerate(pieces):
+        template = relation_template(piece)
+        if template is not None and piece.kind in SOURCE_KINDS:
+            by_template.setdefault(template, []).append(index)
+    answers_of_type: dict[str, list[str]] = {}
+    for (kind, _), piece in zip(typed, pieces):
+        if kind:
+            answers_of_type.setdefault(kind, []).append(piece.answer)
+    out: dict[int, tuple[list[str], str, str] | None] = {}
     for index, piece in enumerate(pieces):
         if piece.kind not in SOURCE_KINDS:
             continue
         template = relation_template(piece)
         if template is None:
-            skipped["subject not in prompt"] += 1
             continue
         true = normalize_answer(piece.answer)
-        choices = []
-        for key in ((piece.kind, template), (piece.kind, None)):
-            choices = [a for a in answers[key] if normalize_answer(a) not in (true, "")]
-            if choices:
-                break
-        if not choices:
-            skipped["no other answer of the same kind"] += 1
+        kind, evidence = typed[index]
+        relation = [j for j in by_template.get(template, []) if normalize_answer(pieces[j].answer) != true]
+        if kind:
+            # Same relation and same type: real prompts as short as "{} is a" are shared by unrelated facts.
+            same = [pieces[j].answer for j in relation if typed[j][0] == kind]
+            pool = same or same_type_candidates(kind, answers_of_type.get(kind, []), entities, piece.prompt)
+            evidence += ", same relation" if same else ""
+        elif relation and names_a_relation(template):
+            # An untyped answer is matched by relation, but never with a typed one: no year for a city.
+            kind, evidence = "relation", f"relation template {template!r}"
+            pool = [pieces[j].answer for j in relation if typed[j][0] is None]
+        else:
+            out[index] = None
             continue
-        eligible.append((index, random.Random(f"{seed}:{piece.id}").choice(choices)))
+        choices = list(dict.fromkeys(a for a in pool if normalize_answer(a) not in (true, "")))
+        out[index] = (choices, kind, evidence) if choices else None
+    return out
+
+
+def plan_requests(
+    pieces: Sequence[KnowledgePiece],
+    max_experiments: int,
+    seed: int = 0,
+    known: Sequence[bool] | None = None,
+    entities: TypedEntities | None = None,
+) -> RequestPlan:
+    """`max_experiments` single-fact pieces, drawn seeded, each with a counterfactual answer of its own type.
+
+    Only pieces the model knows are drawn when `known` (one flag per piece) is given. The new answer is drawn
+    from the same-type candidates of `counterfactual_choices` (never one that normalises to the true answer);
+    pieces without any are not edited and counted as unmatched. Sources are a seeded shuffle of the eligible
+    pieces, so a smaller `max_experiments` edits a prefix of what a larger one edits; each counterfactual is
+    drawn from a generator seeded by (seed, piece id), so it does not depend on which other pieces are edited.
+    """
+    choices = counterfactual_choices(pieces, entities)
+    skipped: Counter[str] = Counter()
+    eligible: list[tuple[int, Counterfactual]] = []
+    sources = n_known = unmatched = 0
+    types: Counter[str] = Counter()
+    for index, piece in enumerate(pieces):
+        if piece.kind not in SOURCE_KINDS:
+            continue
+        sources += 1
+        is_known = known is None or bool(known[index])
+        n_known += is_known
+        if relation_template(piece) is None:
+            skipped["subject not in prompt"] += 1
+            continue
+        choice = choices.get(index)
+        if choice is None:
+            unmatched += 1
+            skipped[NO_SAME_TYPE] += 1
+            continue
+        if not is_known:
+            skipped[NOT_KNOWN] += 1
+            continue
+        pool, kind, evidence = choice
+        new = random.Random(f"{seed}:{piece.id}").choice(pool)
+        eligible.append((index, Counterfactual(new, kind, evidence)))
+        types[kind] += 1
     order = list(range(len(eligible)))
     random.Random(seed).shuffle(order)
     requests = []
     for edit_id, k in enumerate(order[: max(0, max_experiments)]):
-        index, new = eligible[k]
+        index, cf = eligible[k]
         piece = pieces[index]
-        requests.append(EditRequest(edit_id, index, piece.id, piece.prompt, piece.subject, piece.answer, new))
-    return RequestPlan(requests, len(eligible), dict(skipped))
+        requests.append(EditRequest(edit_id, index, piece.id, piece.prompt, piece.subject, piece.answer, cf.new,
+                                    cf.kind, cf.evidence))
+    return RequestPlan(requests, len(eligible), dict(skipped), sources, None if known is None else n_known,
+                       unmatched, dict(types))
+
+
+def plan_counterfact(
+    cases: Sequence[CounterFactCase], max_experiments: int, seed: int = 0, known: Sequence[bool] | None = None
+) -> RequestPlan:
+    """CounterFact's requested rewrites as edits (its own counterfactual targets, of its relation's type), drawn
+    seeded from the cases the model knows (`known`, one flag per case) like `plan_requests`."""
+    skipped: Counter[str] = Counter()
+    eligible, types = [], Counter()
+    for index, case in enumerate(cases):
+        if subject_span(case.prompt, case.subject) is None:
+            skipped["subject not in prompt"] += 1
+            continue
+        if known is not None and not known[index]:
+            skipped[NOT_KNOWN] += 1
+            continue
+        eligible.append(index)
+        types[case.answer_type()[0]] += 1
+    order = list(range(len(eligible)))
+    random.Random(seed).shuffle(order)
+    requests = []
+    for edit_id, k in enumerate(order[: max(0, max_experiments)]):
+        case = cases[eligible[k]]
+        kind, evidence = case.answer_type()
+        requests.append(EditRequest(edit_id, -1, f"counterfact/{case.case_id}", case.prompt, case.subject,
+                                    case.target_true, case.target_new, kind, evidence, case.probes()))
+    n_known = None if known is None else sum(map(bool, known))
+    return RequestPlan(requests, len(eligible), dict(skipped), len(cases), n_known, 0, dict(types))
 
 
 # Where MEMIT reads keys and writes the target vector, relative to the subject (the public implementation's

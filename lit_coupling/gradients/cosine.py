@@ -27,8 +27,9 @@ def cosine_from_inner(inner: np.ndarray, in_place: bool = False) -> tuple[np.nda
     bad = ~np.isfinite(norms2)
     if bad.any():
         raise NonFiniteGradient(f"{int(bad.sum())} piece(s) have a non-finite gradient (rows "
-                                f"{np.flatnonzero(bad)[:10].tolist()}); in bfloat16 this is overflow: "
-                                "run with --dtype float32")
+                                f"{np.flatnonzero(bad)[:10].tolist()}): the gradient overflowed, or the model "
+                                "computed NaN (its weights are checked when it loads). Under --dtype bfloat16 run "
+                                "with --dtype float32; in float32, check those pieces' inputs and the model")
     zero = norms2 <= 0
     scale = np.zeros_like(norms2)
     scale[~zero] = 1.0 / np.sqrt(norms2[~zero])

@@ -26,3 +26,16 @@ class GradSimOptions:
     """Show Lightning's progress bar over the batches and a line per reduced layer."""
     keep_shards: bool = False
     """Keep the per-rank shards (<output_dir>/gradsim_shards) after the reduction."""
+
+    def validate(self) -> None:
+        """Refuse bad values before the gradient pass (hours on a 7B model), not after it."""
+        from lit_coupling.errors import check_choice, check_float, check_int
+
+        check_choice("gradsim.mode", self.mode, ("exact", "projected"))
+        check_choice("gradsim.exact_method", self.exact_method, ("auto", "ghost", "gemm"))
+        check_int("gradsim.k_in", self.k_in, 1)
+        check_int("gradsim.k_out", self.k_out, 1)
+        check_int("gradsim.projection_seed", self.projection_seed, 0, 2**32 - 1, optional=True)
+        check_int("gradsim.batch_size", self.batch_size, 1)
+        check_float("gradsim.reduce_memory_gb", self.reduce_memory_gb, 0, low_open=True,
+                    hint="it is how many GB of one layer's inputs and gradients the reduction holds at once")

@@ -32,6 +32,8 @@ class GradSimWriter(BasePredictionWriter):
             memory_gb: inputs and output gradients of one layer held in memory at once during the reduction.
             block_tokens: ghost row block, in tokens (default 512 on CPU, 4096 on GPU: big GEMMs keep it busy).
         """
+        if method not in ("auto", "ghost", "gemm"):  # refused here, not after the whole gradient pass
+            raise UserError(f"GradSim exact method {method!r}: expected auto, ghost or gemm")
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self.shard_dir = shard_dir

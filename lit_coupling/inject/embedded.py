@@ -14,12 +14,22 @@ import tempfile
 from collections import deque
 from pathlib import Path
 
+from lit_coupling.errors import UserError
+
 EMBEDDED_MODELS: dict[str, str] = {"tiny-gpt2": "tiny-gpt2.yaml", "tiny-llama": "tiny-llama.yaml"}
 
 # A process started by DDP/torchrun/SLURM carries these; the training subprocess must not think it is a rank.
 _LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "NODE_RANK",
                   "MASTER_ADDR", "MASTER_PORT")
 _LAUNCHER_PREFIXES = ("TORCHELASTIC_", "PL_", "SLURM_")
+
+
+class EmbeddedModelError(UserError, RuntimeError):
+    """Training an embedded model failed; the message holds the end of its log.
+
+    Its own type rather than `models.loading.ModelLoadError`, so that this module does not import `loading`
+    back (loading resolves embedded names through here).
+    """
 
 
 def embedded_config(name: str) -> Path:
@@ -67,8 +77,6 @@ def _clean_environment() -> dict[str, str]:
 
 def train_embedded(name: str, target: Path) -> Path:
     """Run `lit-coupling fit` with the embedded config in a fresh process, and move its model to `target`."""
-    from lit_coupling.models.loading import ModelLoadError
-
     print(f"lit-coupling: training the embedded model {name} on the default synthetic world (first use; "
           f"cached in {target})", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as work:
@@ -82,7 +90,7 @@ def train_embedded(name: str, target: Path) -> Path:
                 if line.startswith(("[recall]", "[inject]")):
                     print(f"  {name} {line.rstrip()}", file=sys.stderr, flush=True)
         if process.returncode != 0 or not _complete(Path(work) / "model"):
-            raise ModelLoadError(f"training the embedded model {name} failed (exit code {process.returncode}):\n"
-                                 + "".join(tail))
+            raise EmbeddedModelError(f"training the embedded model {name} failed (exit code "
+                                     f"{process.returncode}):\n" + "".join(tail))
         os.replace(Path(work) / "model", target)
     return target

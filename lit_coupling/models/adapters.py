@@ -36,7 +36,7 @@ class Family:
     embed: str
     final_norm: str
     weight_layout: str = "out_in"  # "in_out" for Conv1D (GPT-2); nn.Linear is (out, in)
-    prepend_bos: bool = False  # the family's tokenizers put BOS before every text (SentencePiece LLaMA, OPT's </s>)
+    prepend_bos: bool = False  # fallback only (bos_decision): the family trains with BOS before every text
     examples: str = ""
 
     @property
@@ -100,8 +100,16 @@ def parse_layers(spec: str | int | Sequence[int] | None, num_layers: int) -> lis
         items = []
         for part in spec.replace(" ", "").split(","):
             m = re.fullmatch(r"(-?\d+)-(-?\d+)", part)
-            if m:
-                lo, hi = (int(g) % num_layers for g in m.groups())
+            if m:  # both ends must exist (no wrap-around: '4-5' on a 4-layer model is an error) and run upwards
+                lo, hi = (int(g) for g in m.groups())
+                for end in (lo, hi):
+                    if not -num_layers <= end < num_layers:
+                        raise AdapterError(f"layer {end} of the range {part!r} is out of range: the model has "
+                                           f"{num_layers} layers (0..{num_layers - 1})")
+                lo, hi = lo % num_layers, hi % num_layers
+                if lo > hi:
+                    raise AdapterError(f"the layer range {part!r} runs backwards (layers {lo} to {hi}): "
+                                       f"write it first-to-last, e.g. '{hi}-{lo}'")
                 items.extend(range(lo, hi + 1))
             elif re.fullmatch(r"-?\d+", part):
                 items.append(int(part))
@@ -281,8 +289,11 @@ class ModelAdapter:
         return set(declared) if declared else {self.block_class.__name__}
 
     def bos_ids(self, tokenizer) -> list[int]:
-        """Token ids put before every text: [BOS] for families that train with it, else nothing."""
+        """Token ids put before every text: `bos_decision` (the tokenizer first, the family table as a fallback)."""
         return bos_ids(self.model.config, tokenizer, self.family)
+
+    def bos_decision(self, tokenizer) -> BosDecision:
+        return bos_decision(self.model.config, tokenizer, self.family)
 
     def describe(self) -> dict:
         """A JSON-ready description of what is targeted (goes into every output file's model section)."""
@@ -305,18 +316,69 @@ def context_length(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def bos_ids(config, tokenizer, family: Family | None = None) -> list[int]:
-    """[BOS] where the family's convention puts one before every text, else []; needs only the config.
+# BOS tokens that are really chat-role markers (SmolLM2/Qwen-style ChatML, Llama-3 headers, Gemma turns): a model
+# reads them only at the start of a chat message, never before plain text.
+_ROLE_TOKEN = re.compile(r"<\|?(im_start|im_end|start_header_id|end_header_id|eot_id|start_of_turn|end_of_turn|"
+                         r"user|assistant|system|turn)\|?>", re.IGNORECASE)
 
-    Families outside the table follow their tokenizer: BOS is used when the tokenizer adds it by itself.
+
+@dataclass(frozen=True)
+class BosDecision:
+    """Which ids go before every text the model reads, and why (check-model prints `reason`)."""
+
+    ids: list[int]
+    source: str  # tokenizer | chat-token | tokenizer-config | family-table | none
+    reason: str
+
+
+def _is_role_token(token: str, tokenizer) -> bool:
+    """A chat/role marker: named like one, or written literally into the chat template (which then opens every
+    message with it; a true BOS is written there as the `bos_token` variable, once)."""
+    if _ROLE_TOKEN.fullmatch(token.strip()):
+        return True
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and token in template and "bos_token" not in template
+
+
+def bos_decision(config, tokenizer, family: Family | None = None) -> BosDecision:
+    """BOS as the model reads text, decided in this order:
+
+    1. the tokenizer has no BOS token → nothing;
+    2. the tokenizer puts BOS before a text by itself (`tokenizer("x")`, i.e. `add_bos_token` in effect: LLaMA-2,
+       Mistral, Gemma, OPT, Llama-3) → [BOS], as the model was trained;
+    3. the BOS token is a chat/role marker (SmolLM2's `<|im_start|>`) → nothing, whatever the family;
+    4. the tokenizer's own config says `add_bos_token: false` → nothing;
+    5. the tokenizer says nothing (a bare tokenizer.json, as the embedded tiny models ship): the family table's
+       `prepend_bos` (the config's model_type), and for a family outside the table, nothing.
+
+    Every stage (pieces, GradSim, edits, covariance, scoring) takes its ids from here, through `bos_ids`.
     """
     family = family or FAMILY_BY_MODEL_TYPE.get(getattr(config, "model_type", ""))
-    bos = tokenizer.bos_token_id
+    bos, token = tokenizer.bos_token_id, tokenizer.bos_token
     if bos is None:
-        return []
+        return BosDecision([], "none", "the tokenizer has no BOS token")
+    config_bos = getattr(config, "bos_token_id", None)
+    note = (f" (the model config's bos_token_id is {config_bos}, not {bos})"
+            if isinstance(config_bos, int) and config_bos != bos else "")
+    if tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos]:
+        return BosDecision([bos], "tokenizer", f"the tokenizer puts {token!r} before every text itself{note}")
+    if _is_role_token(str(token), tokenizer):
+        return BosDecision([], "chat-token", f"the tokenizer's bos_token {token!r} is a chat role marker, not a "
+                                             f"text start, and the tokenizer does not add it{note}")
+    if (getattr(tokenizer, "init_kwargs", None) or {}).get("add_bos_token") is False:
+        return BosDecision([], "tokenizer-config", f"the tokenizer config says add_bos_token: false{note}")
     if family is not None and family.name != "unknown":
-        return [bos] if family.prepend_bos else []
-    return [bos] if tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos] else []
+        if family.prepend_bos:
+            return BosDecision([bos], "family-table", f"the tokenizer does not say; the {family.name} family "
+                                                      f"trains with {token!r} before every text{note}")
+        return BosDecision([], "family-table", f"the tokenizer does not add one and the {family.name} family "
+                                               f"puts none{note}")
+    return BosDecision([], "none", f"the tokenizer does not add {token!r} and the family is unknown{note}")
+
+
+def bos_ids(config, tokenizer, family: Family | None = None) -> list[int]:
+    """The ids put before every text (pieces, GradSim, edits, covariance, scoring): `bos_decision(...).ids`."""
+    return bos_decision(config, tokenizer, family).ids
 
 
 def ensure_padding(tokenizer) -> int:

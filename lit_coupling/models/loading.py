@@ -44,10 +44,15 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str 
 
 
 def resolve_model_path(model_path: str) -> str:
-    """Embedded names (`tiny-gpt2`, `tiny-llama`) become the directory of the cached trained model."""
-    from lit_coupling.inject.embedded import resolve_embedded
+    """Embedded names and GGUF files become a cached HF directory; anything else is returned as given.
 
-    return str(resolve_embedded(model_path) or model_path)
+    `tiny-gpt2`, `tiny-llama`: the trained tiny model. `smollm2-135m` (a packaged real model) or a `.gguf` file:
+    its conversion to a plain HF directory (`models.gguf`).
+    """
+    from lit_coupling.inject.embedded import resolve_embedded
+    from lit_coupling.models.gguf import resolve_gguf
+
+    return str(resolve_gguf(model_path) or resolve_embedded(model_path) or model_path)
 
 
 def _looks_local(path: str) -> bool:
@@ -102,9 +107,35 @@ def load_config(model_path: str, trust_remote_code: bool = False):
     if _looks_local(model_path):
         _check_local_dir(model_path)
     try:
-        return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except Exception as error:  # transformers raises OSError/ValueError/HF errors with long texts
         raise ModelLoadError(_explain(model_path, error)) from error
+    check_causal_decoder(config, model_path)
+    return config
+
+
+def check_causal_decoder(config, model_path: str) -> None:
+    """Refuse encoders and encoder–decoders: the experiment needs a decoder that predicts the next token.
+
+    AutoModelForCausalLM alone does not tell: it loads BERT or RoBERTa as `...LMHeadModel` (an encoder run with a
+    causal mask it was never trained with) and BART as its decoder half. Every stage loads through here.
+    """
+    from transformers.models.auto import modeling_auto
+
+    model_type = getattr(config, "model_type", None)
+    architecture = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
+    what = None
+    if getattr(config, "is_encoder_decoder", False):
+        what = "an encoder–decoder (sequence-to-sequence) model"
+    elif model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        what = "an encoder (a masked language model that reads the whole text in both directions)"
+    elif model_type not in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "AutoModelForCausalLM" not in (
+            getattr(config, "auto_map", None) or {}):
+        what = "a model that transformers has no causal-LM class for"
+    if what:
+        raise ModelLoadError(f"{model_path} is not a causal language model: it is {architecture} "
+                             f"(model_type {model_type!r}), {what}.\n  lit_coupling needs a decoder LM that "
+                             f"predicts the next token (GPT-2, LLaMA, Mistral, Qwen2, ...).")
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
@@ -121,8 +152,26 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
                                  f"{str(error).splitlines()[0][:160]}).\n  Save it next to the weights with "
                                  f"tokenizer.save_pretrained(dir).") from error
         raise ModelLoadError(_explain(model_path, error)) from error
+    # Without tokenizer files transformers builds an empty tokenizer instead of failing: every text then has no
+    # tokens, which would surface much later as "answer produced no tokens".
+    if len(tokenizer) < 2 or not tokenizer("The capital of France is Paris.", add_special_tokens=False)["input_ids"]:
+        raise ModelLoadError(f"{model_path} holds no tokenizer: transformers built an empty one ({len(tokenizer)} "
+                             f"token(s)), as the directory has none of tokenizer.json, vocab.json + merges.txt or "
+                             f"tokenizer.model.\n  Save it next to the weights with tokenizer.save_pretrained(dir).")
     ensure_padding(tokenizer)
     return tokenizer
+
+
+def check_finite_weights(model: torch.nn.Module, model_path: str, dtype: torch.dtype) -> None:
+    """NaN or inf in the checkpoint itself is named here, before gradients would blame it on bfloat16 overflow."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.is_floating_point() and not bool(torch.isfinite(parameter).all()):
+                bad = int((~torch.isfinite(parameter)).sum())
+                raise ModelLoadError(
+                    f"{model_path}: the weights are damaged: {name} holds {bad} NaN/inf value(s) as loaded "
+                    f"(in {str(dtype).removeprefix('torch.')}), so every gradient and edit through it would be NaN. "
+                    f"Re-download or re-save the model.")
 
 
 @dataclass
@@ -154,5 +203,6 @@ def load_model(model_path: str, dtype: str | torch.dtype = "auto", device: str =
     except Exception as error:
         raise ModelLoadError(_explain(model_path, error)) from error
     model.to(torch_device).eval()
+    check_finite_weights(model, model_path, torch_dtype)
     tokenizer = load_tokenizer(resolved, trust_remote_code) if load_tokenizer_too else None
     return LoadedModel(model, tokenizer, model_path, resolved, torch_dtype, torch_device)

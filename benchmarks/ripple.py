@@ -1,0 +1,119 @@
+"""The ripple stage's re-scoring of every piece after an edit: before and after batching the greedy match.
+
+    python benchmarks/ripple.py --model /tmp/smollm2-hf --pieces RUN_DIR [--repeat 2] [--threads 2]
+
+RUN_DIR holds a knowledge_pieces.json tokenised for the model (`lit-coupling run --stages pieces ...`). Three
+ways of scoring the same pieces (logP, teacher-forced EM and greedy answer match), timed in one process:
+
+- full: the previous implementation: the whole B×T×V logits, then HF greedy decoding of every piece to its
+  batch's longest answer + 2 tokens;
+- window: logits only where the answer is scored (`logits_to_keep`), greedy decoding of every piece;
+- now: window logits, and greedy decoding only of the pieces the teacher-forced pass cannot settle
+  (`ripple.greedy_decision`), the ripple stage's scoring.
+
+It checks that the three agree (logP to 1e-4, EM and greedy match exactly) and prints seconds per re-scoring
+(one edit's "after" pass) and per 100 pieces. The machine may be shared: run the cases in one process (they are)
+and say so with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from lit_coupling.data.piece import load_pieces
+from lit_coupling.editing.ripple import EXTRA_GENERATED_TOKENS, PieceScores, score_pieces
+from lit_coupling.models.loading import load_model
+from lit_coupling.scoring import (
+    answer_token_logprobs,
+    collate_clozes,
+    forward_logits,
+    generated_exact_match,
+    greedy_continuations,
+    score_batch,
+)
+
+
+@torch.no_grad()
+def previous_scoring(model, tokenizer, pieces, batch_size: int, pad_id: int, window: bool) -> PieceScores:
+    """The scoring before this change: every piece decoded greedily (`window` only trims the LM head)."""
+    n = len(pieces)
+    order = sorted(range(n), key=lambda i: (len(pieces[i].prompt_ids), len(pieces[i].answer_ids)))
+    logp, tf_em, gen_em = [0.0] * n, [False] * n, [False] * n
+    for start in range(0, n, batch_size):
+        rows = order[start : start + batch_size]
+        chunk = [(pieces[i].prompt_ids, pieces[i].answer_ids) for i in rows]
+        batch = collate_clozes(chunk, pad_id)
+        if window:
+            result = score_batch(model, batch)
+            lp, tf = result["logp"].tolist(), result["tf_em"].tolist()
+        else:
+            logits = forward_logits(model, batch)
+            token_logp, hit, r = answer_token_logprobs(logits, batch["input_ids"], batch["answer_mask"])
+            lp = torch.zeros(len(rows), dtype=torch.float64).index_add(0, r, token_logp.double()).tolist()
+            misses = torch.zeros(len(rows), dtype=torch.long).index_add(0, r, (~hit).long())
+            tf = (misses == 0).tolist()
+        generated = greedy_continuations(model, [p for p, _ in chunk],
+                                         max(len(a) for _, a in chunk) + EXTRA_GENERATED_TOKENS, pad_id,
+                                         tokenizer.eos_token_id)
+        for i, l, t, ids in zip(rows, lp, tf, generated):
+            logp[i], tf_em[i] = l, t
+            ids = ids[: len(pieces[i].answer_ids) + EXTRA_GENERATED_TOKENS]
+            gen_em[i] = generated_exact_match(tokenizer, ids, pieces[i].answer)
+    return PieceScores(logp, tf_em, gen_em)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model path (a local HF directory or an embedded name)")
+    parser.add_argument("--pieces", required=True, help="run directory holding knowledge_pieces.json")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=2, help="timed repetitions of each case (the best is kept)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--cases", nargs="+", default=["full", "window", "now"], choices=["full", "window", "now"])
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, dtype="float32", device="cpu")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    pieces, meta = load_pieces(args.pieces)
+    pad = meta["tokenizer"]["pad_id"]
+    cases = {
+        "full": lambda: previous_scoring(model, tokenizer, pieces, args.batch_size, pad, window=False),
+        "window": lambda: previous_scoring(model, tokenizer, pieces, args.batch_size, pad, window=True),
+        "now": lambda: score_pieces(model, tokenizer, pieces, args.batch_size, pad),
+    }
+    results, scores = {}, {}
+    cases = {name: run for name, run in cases.items() if name in args.cases}
+    for name, run in cases.items():
+        best = float("inf")
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            scores[name] = run()
+            best = min(best, time.perf_counter() - start)
+        results[name] = best
+    ref = scores[args.cases[0]]
+    for name, s in scores.items():
+        assert s.tf_em == ref.tf_em and s.gen_em == ref.gen_em, f"{name}: exact matches differ"
+        assert max(abs(a - b) for a, b in zip(s.logp, ref.logp)) < 1e-4, f"{name}: logP differs"
+    n = len(pieces)
+    tokens = sum(len(p.prompt_ids) + len(p.answer_ids) for p in pieces)
+    print(f"model {args.model}, {n} pieces ({tokens} tokens), batch {args.batch_size}, {args.threads} threads, "
+          f"best of {args.repeat}; greedy match known {sum(ref.gen_em)}/{n}, teacher-forced {sum(ref.tf_em)}/{n}")
+    print(f"| scoring | s per re-scoring ({n} pieces) | s per 100 pieces | vs {args.cases[0]} |")
+    print("|---|---|---|---|")
+    for name, seconds in results.items():
+        first = results[args.cases[0]]
+        print(f"| {name} | {seconds:.2f} | {seconds / n * 100:.2f} | {first / seconds:.1f}× |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "pieces": n, "tokens": tokens, "threads": args.threads,
+                       "seconds": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
