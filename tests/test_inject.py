@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from lit_coupling.cache import model_complete
 from lit_coupling.data.stage import build_pieces
 from lit_coupling.inject import embedded
 from lit_coupling.inject.callbacks import greedy_recall
@@ -84,7 +85,7 @@ def quick_embedded_config(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_an_embedded_model_is_trained_on_first_use_then_reused(quick_embedded_config, monkeypatch):
     first = embedded.resolve_embedded("tiny-gpt2")
-    assert first.parent.name == "models" and embedded._complete(first)
+    assert first.parent.name == "models" and model_complete(first)
     assert load_model("tiny-gpt2", device="cpu").resolved_path == str(first)  # the name works as a model path
 
     def no_training(*args):
@@ -121,4 +122,4 @@ def test_concurrent_first_uses_train_once(tmp_path, monkeypatch):
         thread.start()
     for thread in threads:
         thread.join()
-    assert calls == ["tiny-llama"] and len(set(results)) == 1 and embedded._complete(results[0])
+    assert calls == ["tiny-llama"] and len(set(results)) == 1 and model_complete(results[0])

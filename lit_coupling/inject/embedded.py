@@ -14,6 +14,7 @@ import tempfile
 from collections import deque
 from pathlib import Path
 
+from lit_coupling.cache import model_complete
 from lit_coupling.errors import UserError
 
 EMBEDDED_MODELS: dict[str, str] = {"tiny-gpt2": "tiny-gpt2.yaml", "tiny-llama": "tiny-llama.yaml"}
@@ -45,10 +46,6 @@ def cache_key(name: str) -> str:
                         "world": sha256_file(default_world_file())})
 
 
-def _complete(directory: Path) -> bool:
-    return all((directory / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json"))
-
-
 def resolve_embedded(name: str) -> Path | None:
     """The directory of an embedded model, training it first if needed; None for any other name.
 
@@ -57,17 +54,10 @@ def resolve_embedded(name: str) -> Path | None:
     """
     if name not in EMBEDDED_MODELS:
         return None
-    from filelock import FileLock
-
-    from lit_coupling.cache import cache_dir
+    from lit_coupling.cache import built_once, cache_dir
 
     target = cache_dir("models") / f"{name}-{cache_key(name)}"
-    if _complete(target):
-        return target
-    with FileLock(str(target) + ".lock"):
-        if not _complete(target):
-            train_embedded(name, target)
-    return target
+    return built_once(target, lambda directory: train_embedded(name, directory))
 
 
 def _clean_environment() -> dict[str, str]:
@@ -89,7 +79,7 @@ def train_embedded(name: str, target: Path) -> Path:
                 tail.append(line)
                 if line.startswith(("[recall]", "[inject]")):
                     print(f"  {name} {line.rstrip()}", file=sys.stderr, flush=True)
-        if process.returncode != 0 or not _complete(Path(work) / "model"):
+        if process.returncode != 0 or not model_complete(Path(work) / "model"):
             raise EmbeddedModelError(f"training the embedded model {name} failed (exit code "
                                      f"{process.returncode}):\n" + "".join(tail))
         os.replace(Path(work) / "model", target)

@@ -47,8 +47,6 @@ PACKAGED_MODELS: dict[str, PackagedGGUF] = {
                                  "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
-_COMPLETE = ("config.json", "model.safetensors", "tokenizer.json")
-
 
 def install_hint(name: str) -> str:
     spec = PACKAGED_MODELS[name]
@@ -90,27 +88,16 @@ def gguf_hash(path: Path) -> str:
     return _hashes[key]
 
 
-def _complete(directory: Path) -> bool:
-    return all((directory / f).exists() for f in _COMPLETE)
-
-
 def converted_dir(gguf_file: Path, label: str | None = None) -> Path:
     """The cached HF directory for a GGUF file, converting it first if needed (once; safe across processes)."""
-    from filelock import FileLock
-
-    from lit_coupling.cache import cache_dir
+    from lit_coupling.cache import built_once, cache_dir
 
     gguf_file = Path(gguf_file).expanduser()
     if not gguf_file.is_file():
         raise GGUFError(f"{gguf_file} does not exist (a .gguf --model_path must name a file).")
     label = label or gguf_file.name.removesuffix(".gguf").lower()
     target = cache_dir("models") / f"{label}-gguf-{gguf_hash(gguf_file)}"
-    if _complete(target):
-        return target
-    with FileLock(str(target) + ".lock"):
-        if not _complete(target):
-            convert_gguf(gguf_file, target)
-    return target
+    return built_once(target, lambda directory: convert_gguf(gguf_file, directory))
 
 
 def convert_gguf(gguf_file: Path, target: Path) -> Path:
