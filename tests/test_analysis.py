@@ -233,4 +233,21 @@ def test_a_run_whose_edits_all_failed_still_gets_a_report(tmp_path):
     assert result["counts"]["edits_skipped"] == {"status error": 3}
     report_stage(cfg, directory)
     assert "no data" in (directory / outputs.REPORT).read_text()
-    assert (directory / outputs.HEATMAP).exists() and not (directory / outputs.COMPREHENSIVE).exists()
+    # Every run writes the same files: the analysis figure then shows the coupling and says why there is no ripple.
+    assert (directory / outputs.HEATMAP).exists() and (directory / outputs.COMPREHENSIVE).exists()
+    assert "Every edit failed or was skipped: status error: 3" in result["verdict"]["text"]
+
+
+def test_the_report_names_every_deviation_from_the_published_memit(tmp_path):
+    from lit_coupling.analysis.stage import analysis_stage, report_stage
+
+    directory = write_synthetic_run(tmp_path / "run", n_chains=3, n_edits=4)
+    ripple = json.loads((directory / outputs.RIPPLE).read_text())
+    ripple["deviations"] = ["fact_token = 'subject_first' (the paper: 'subject_last'): a reason"]
+    (directory / outputs.RIPPLE).write_text(json.dumps(ripple))
+    cfg = RunConfig(output_dir=str(directory), logger="none")
+    analysis_stage(cfg, directory)
+    report_stage(cfg, directory)
+    report = (directory / outputs.REPORT).read_text()
+    assert "**Deviations from the published MEMIT**" in report
+    assert "- fact_token = 'subject_first' (the paper: 'subject_last'): a reason" in report

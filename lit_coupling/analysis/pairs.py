@@ -296,6 +296,7 @@ def describe_run(run: RunData) -> dict:
         "gradsim_method": method,
         "memit_hparams": run.ripple.get("hparams") or {},
         "covariance": run.ripple.get("covariance") or {},
+        "deviations": run.ripple.get("deviations"),  # None: a ripple stage that did not record them
         "edits_total": len(run.ripple.get("experiments", [])),
         "edits_skipped": skipped,
         "efficacy": {"ok": len(experiments),

@@ -92,6 +92,11 @@ def _method_section(ctx: dict, result: dict) -> str:
         items = [f"{k} {', '.join(map(str, v)) if isinstance(v, dict | list) else fmt(v)}"
                  for k, v in covariance.items()]
         parts.append("Key covariance statistics: " + ", ".join(items) + ".")
+    deviations = ctx.get("deviations")
+    if ctx.get("editor") != "ft" and deviations is not None:  # what this MEMIT does unlike the paper, and why
+        parts.append("**Deviations from the published MEMIT** (docs/memit.md gives each one's measured effect):\n\n"
+                     + ("\n".join(f"- {d}" for d in deviations) if deviations
+                        else "- none: the published algorithm and settings"))
     efficacy = ctx.get("efficacy") or {}
     skipped = ctx.get("edits_skipped") or {}
     edits = (f"Edits: {fmt(ctx.get('edits_total'))} attempted, {fmt(efficacy.get('ok'))} finished, "
