@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from lit_coupling.errors import UserError
 from lit_coupling.models.adapters import ModelAdapter, context_length
 from lit_coupling.outputs import save_torch, sha256_file, stable_hash
+from lit_coupling.progress import Progress
 
 CACHE_FORMAT = "lit_coupling.key_covariance/1"
 
@@ -238,13 +238,9 @@ def accumulate_moments(
         return capture
 
     handles = [adapter.target(layer).module.register_forward_pre_hook(hook(layer)) for layer in layers]
-    bar = tqdm(
-        total=tokens,
-        initial=min(state.count, tokens),
-        unit="tok",
-        disable=not progress,
-        desc=f"key covariance, layers {','.join(map(str, layers))}",
-    )
+    # A bar on a terminal, a line every few seconds in a log: on a real model this takes minutes.
+    bar = Progress(tokens, f"key covariance, layers {','.join(map(str, layers))}", enabled=progress, unit="tok",
+                   initial=min(state.count, tokens))
     last_save = time.monotonic()
     try:
         for index, batch in enumerate(batches):

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from lit_coupling.editing.hparams import MemitHparams
-from lit_coupling.editing.progress import Progress
 from lit_coupling.editing.requests import EditRequest, TokenizedPrompt, kl_prompt, request_prompts
 from lit_coupling.models.adapters import ModelAdapter
+from lit_coupling.progress import Progress
 from lit_coupling.scoring import collate_clozes
 
 PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")  # the public implementation's prefix openings

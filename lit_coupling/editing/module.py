@@ -29,7 +29,7 @@ from lit_coupling.editing.covariance import (
 from lit_coupling.editing.hparams import MemitHparams, deviations, resolve_hparams
 from lit_coupling.editing.memit import CovarianceSolver, apply_memit, generate_prefixes
 from lit_coupling.data.counterfact import CounterFactCase, read_counterfact
-from lit_coupling.editing.progress import Progress, say
+from lit_coupling.progress import Progress, say
 from lit_coupling.editing.requests import (
     EditRequest,
     RequestPlan,

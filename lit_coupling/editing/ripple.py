@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from lit_coupling.data.piece import KnowledgePiece
-from lit_coupling.editing.progress import Progress
 from lit_coupling.editing.requests import EditRequest
 from lit_coupling.errors import UserError
+from lit_coupling.progress import Progress
 from lit_coupling.scoring import (
     CachedScores,
     collate_clozes,

@@ -12,15 +12,17 @@ from tqdm.auto import tqdm
 
 class Progress:
     def __init__(self, total: int, desc: str, enabled: bool = True, unit: str = "it", every_s: float = 10.0,
-                 stream=None):
+                 stream=None, initial: int = 0):
+        """`initial`: steps already done (a resumed computation); the ETA counts only the steps done here."""
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
         self.stream = stream or sys.stderr
         self.enabled = enabled and total > 0
-        self.done = 0
+        self.done = self.initial = initial
         self.start = self.last_line = time.perf_counter()
         self.bar = None
         if self.enabled and getattr(self.stream, "isatty", lambda: False)():
-            self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream, leave=False,
+                            dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -32,7 +34,8 @@ class Progress:
         now = time.perf_counter()
         if self.done >= self.total or now - self.last_line >= self.every_s:
             elapsed = now - self.start
-            eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+            rate = (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
             print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({elapsed:.0f}s, ETA {eta:.0f}s)",
                   file=self.stream, flush=True)
             self.last_line = now
