@@ -51,8 +51,10 @@ class GradientCapture:
         self.model, self.adapter, self.layers, self.pad_id, self.device = model, adapter, layers, pad_id, device
 
     def __call__(self, clozes: list[tuple[list[int], list[int]]], key_positions: list[int | None],
-                 batch_size: int = 64) -> tuple[dict, dict, torch.Tensor, dict]:
+                 batch_size: int = 64, desc: str = "gradients at the edit layers") -> tuple[dict, dict, torch.Tensor,
+                                                                                          dict]:
         from lit_coupling.gradients.module import TargetHooks, backward_log_prob, gradient_mask
+        from lit_coupling.progress import Progress
         from lit_coupling.scoring import collate_clozes
 
         targets = [self.adapter.target(layer) for layer in self.layers]
@@ -60,7 +62,8 @@ class GradientCapture:
         ds = {layer: [] for layer in self.layers}
         keys = {layer: [] for layer in self.layers}
         tokens = []
-        with TargetHooks(targets) as hooks:
+        # One forward/backward per batch: minutes for thousands of pieces on a real model.
+        with TargetHooks(targets) as hooks, Progress(len(clozes), desc, unit="cloze") as progress:
             for start in range(0, len(clozes), batch_size):
                 chunk = clozes[start:start + batch_size]
                 batch = collate_clozes(chunk, self.pad_id)
@@ -79,6 +82,7 @@ class GradientCapture:
                                                                                       dtype=torch.float64)
                         for row, pos in enumerate(positions)]))
                 hooks.clear()
+                progress.update(len(chunk))
         cat = {layer: torch.cat(v) for layer, v in xs.items()}
         return cat, {layer: torch.cat(v) for layer, v in ds.items()}, torch.cat(tokens), \
             {layer: torch.cat(v) for layer, v in keys.items()}
@@ -127,7 +131,8 @@ def compute_edit_predictors(directory: Path, pieces: list[KnowledgePiece], rippl
     capture = GradientCapture(model, adapter, layers, pad_id, device)
 
     piece_keys_at = [fact_index(tokenizer, p.prompt, p.subject, p.answer, bos, fact_token) for p in pieces]
-    x, d, tokens, keys = capture([(p.prompt_ids, p.answer_ids) for p in pieces], piece_keys_at, batch_size)
+    x, d, tokens, keys = capture([(p.prompt_ids, p.answer_ids) for p in pieces], piece_keys_at, batch_size,
+                                 "gradients of the pieces at the edit layers")
 
     requests = [e["request"] for e in experiments]
     new_clozes, new_keys_at = [], []
@@ -142,7 +147,8 @@ def compute_edit_predictors(directory: Path, pieces: list[KnowledgePiece], rippl
         else:
             new_clozes.append((tokenized.prompt_ids, tokenized.answer_ids))
             new_keys_at.append(tokenized.fact_index)
-    x_new, d_new, tokens_new, keys_new = capture(new_clozes, new_keys_at, batch_size)
+    x_new, d_new, tokens_new, keys_new = capture(new_clozes, new_keys_at, batch_size,
+                                                 "gradients of the edits' new targets")
     covariances = _covariances(ripple, layers) if updates.get("editor", "memit") == "memit" else None
 
     first_order = np.zeros((len(experiments), n))
