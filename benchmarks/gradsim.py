@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # --- the workload ------------------------------------------------------------------------------------------------
 
+
 def model_config(shape: str, num_layers: int | None):
     """GPT2Config() defaults, or LLaMA-2-7B's published shape (4096 wide, MLP 11008, 32 heads, 32000 tokens);
     `num_layers` cuts the stack to a few blocks (a 7B shape's 32 blocks need 27 GB in fp32)."""
@@ -39,9 +40,15 @@ def model_config(shape: str, num_layers: int | None):
         if num_layers:
             config.n_layer = num_layers
     else:
-        config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                             num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
-                             num_hidden_layers=num_layers or 32)
+        config = LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+            num_hidden_layers=num_layers or 32,
+        )
     return config
 
 
@@ -80,17 +87,37 @@ def make_pieces(run_dir: Path, n: int, tokens: int, vocab: int, seed: int = 0) -
         length = int(rng.integers(tokens - 4, tokens + 5))
         answer = int(rng.integers(1, 4))
         ids = rng.integers(0, vocab, length).tolist()
-        pieces.append({"id": f"p{i}", "hotpot_id": f"r{i // 3}", "chain_id": f"r{i // 3}", "kind": "hop1", "hop": 1,
-                       "prompt": "", "answer": "", "subject": "", "prompt_ids": ids[:-answer],
-                       "answer_ids": ids[-answer:]})
+        pieces.append(
+            {
+                "id": f"p{i}",
+                "hotpot_id": f"r{i // 3}",
+                "chain_id": f"r{i // 3}",
+                "kind": "hop1",
+                "hop": 1,
+                "prompt": "",
+                "answer": "",
+                "subject": "",
+                "prompt_ids": ids[:-answer],
+                "answer_ids": ids[-answer:],
+            }
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / PIECES, {"format": PIECES_FORMAT, "model": {"name": "random"}, "tokenizer": {"pad_id": 0},
-                                  "source": {"kind": "random benchmark pieces", "seed": seed}, "pieces": pieces},
-               indent=None)
+    write_json(
+        run_dir / PIECES,
+        {
+            "format": PIECES_FORMAT,
+            "model": {"name": "random"},
+            "tokenizer": {"pad_id": 0},
+            "source": {"kind": "random benchmark pieces", "seed": seed},
+            "pieces": pieces,
+        },
+        indent=None,
+    )
     return run_dir / PIECES
 
 
 # --- one case, in its own process ---------------------------------------------------------------------------------
+
 
 def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
@@ -128,19 +155,28 @@ def run_tool(args, mode: str, out_dir: Path, **module_kwargs) -> dict:
     """The real path: GradientModule + GradSimWriter under a Trainer; times from coupling_analysis.json."""
     from lit_coupling.data.datamodule import PiecesDataModule
     from lit_coupling.gradients.module import GradientModule
+    from lit_coupling.gradients.options import GradSimOptions
+    from lit_coupling.gradients.reduce import reduce_predict_job
     from lit_coupling.gradients.writer import GradSimWriter
+    from lit_coupling.models.options import ModelOptions
     from lit_coupling.trainer import build_trainer
 
-    module = GradientModule(model_path=str(args.model_dir), dtype=args.dtype, mode=mode, **module_kwargs)
-    writer = GradSimWriter(output_dir=str(out_dir), memory_gb=args.memory_gb)
+    options = GradSimOptions(mode=mode, reduce_memory_gb=args.memory_gb, **module_kwargs)
+    module = GradientModule(ModelOptions(model_path=str(args.model_dir), dtype=args.dtype), options)
+    writer = GradSimWriter(output_dir=str(out_dir))
     trainer = build_trainer(device=args.device, callbacks=[writer], enable_progress_bar=False)
     data = PiecesDataModule(str(args.run_dir), batch_size=args.batch_size)
     trainer.predict(module, datamodule=data, return_predictions=False)
+    reduce_predict_job(trainer, module, writer, data.pieces)
     analysis = json.loads((out_dir / "coupling_analysis.json").read_text())
     timing = analysis["timing"]
     methods = sorted({v["method"] for v in analysis["per_layer"].values()})
-    return {"seconds": timing["predict_s"] + timing["reduce_s"], "predict_s": timing["predict_s"],
-            "reduce_s": timing["reduce_s"], "methods": methods}
+    return {
+        "seconds": timing["predict_s"] + timing["reduce_s"],
+        "predict_s": timing["predict_s"],
+        "reduce_s": timing["reduce_s"],
+        "methods": methods,
+    }
 
 
 def case_exact(args) -> dict:
@@ -148,8 +184,7 @@ def case_exact(args) -> dict:
 
 
 def case_projected(args) -> dict:
-    return run_tool(args, "projected", args.out_dir, k_in=args.k, k_out=args.k_out or args.k,
-                    projection_seed=args.seed)
+    return run_tool(args, "projected", args.out_dir, k_in=args.k, k_out=args.k_out or args.k, projection_seed=args.seed)
 
 
 def case_naive(args) -> dict:
@@ -180,12 +215,21 @@ def case_naive(args) -> dict:
     cosine = (gram / torch.outer(norms, norms)).cpu().numpy()
     seconds = time.perf_counter() - start
     np.save(args.out_dir / "naive_cosine.npy", cosine)
-    return {"seconds": seconds, "backward_s": backward_s, "gram_s": seconds - backward_s,
-            "gradient_gib": flat.numel() * flat.element_size() / 2**30}
+    return {
+        "seconds": seconds,
+        "backward_s": backward_s,
+        "gram_s": seconds - backward_s,
+        "gradient_gib": flat.numel() * flat.element_size() / 2**30,
+    }
 
 
-CASES = {"floor": case_floor, "floor_window": case_floor, "exact": case_exact, "projected": case_projected,
-         "naive": case_naive}
+CASES = {
+    "floor": case_floor,
+    "floor_window": case_floor,
+    "exact": case_exact,
+    "projected": case_projected,
+    "naive": case_naive,
+}
 
 
 def child_main(args) -> None:
@@ -199,14 +243,41 @@ def child_main(args) -> None:
 
 
 def run_case(args, case: str, n: int, run_dir: Path, out_dir: Path, **extra) -> dict:
-    cmd = [sys.executable, __file__, "--case", case, "--n", str(n), "--run-dir", str(run_dir), "--out-dir",
-           str(out_dir), "--model-dir", str(args.model_dir), "--threads", str(args.threads), "--batch-size",
-           str(args.batch_size), "--dtype", args.dtype, "--device", args.device, "--memory-gb", str(args.memory_gb)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--case",
+        case,
+        "--n",
+        str(n),
+        "--run-dir",
+        str(run_dir),
+        "--out-dir",
+        str(out_dir),
+        "--model-dir",
+        str(args.model_dir),
+        "--threads",
+        str(args.threads),
+        "--batch-size",
+        str(args.batch_size),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--memory-gb",
+        str(args.memory_gb),
+    ]
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+    }
     # The child's stderr (its per-layer progress) goes to a log beside the case, to follow a long run with tail -f.
     log = out_dir.parent / f"{out_dir.name}.log"
     with open(log, "w") as err:
@@ -214,13 +285,17 @@ def run_case(args, case: str, n: int, run_dir: Path, out_dir: Path, **extra) -> 
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"case {case} n={n} failed:\n{proc.stdout[-2000:]}\n{log.read_text()[-4000:]}")
-    result = json.loads(line[len("RESULT "):])
-    print(f"  {case:<10} n={n:<6} {result['seconds']:9.2f} s   peak {result['peak_gib']:.2f} GiB", file=sys.stderr,
-          flush=True)
+    result = json.loads(line[len("RESULT ") :])
+    print(
+        f"  {case:<10} n={n:<6} {result['seconds']:9.2f} s   peak {result['peak_gib']:.2f} GiB",
+        file=sys.stderr,
+        flush=True,
+    )
     return result
 
 
 # --- the tables ---------------------------------------------------------------------------------------------------
+
 
 def benchmark(args) -> None:
     import numpy as np
@@ -228,10 +303,13 @@ def benchmark(args) -> None:
     work = args.work_dir
     args.model_dir = make_model(args)
     vocab, layers = model_size(args.model_dir)
-    print(f"GradSim benchmark: {args.shape} shape (random weights), all {layers} MLP output projections, "
-          f"T≈{args.tokens}, {args.dtype}, "
-          f"{args.device}, {args.threads} threads, batch {args.batch_size}; load average before: "
-          f"{os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"GradSim benchmark: {args.shape} shape (random weights), all {layers} MLP output projections, "
+        f"T≈{args.tokens}, {args.dtype}, "
+        f"{args.device}, {args.threads} threads, batch {args.batch_size}; load average before: "
+        f"{os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     rows: list[tuple] = []
     first = args.compare_n
     run_first = work / f"pieces-{first}"
@@ -248,53 +326,97 @@ def benchmark(args) -> None:
     def row(name, n, seconds, peak, note=""):
         rows.append((name, n, seconds, seconds / n, seconds / (floor_per_piece * n), peak, note))
 
-    row("floor (batched fwd+bwd, frozen)", first, floor_per_piece * first, floor_peak,
-        f"two runs: {floor_a['seconds']:.1f} s, {floor_b['seconds']:.1f} s")
-    row("floor, LM head on the answer window", first, window["seconds"], window["peak_gib"],
-        "the forward GradientModule uses")
-    row("exact (GradientModule)", first, exact["seconds"], exact["peak_gib"],
-        f"{'/'.join(exact['methods'])}; predict {exact['predict_s']:.1f} s + reduce {exact['reduce_s']:.1f} s")
+    row(
+        "floor (batched fwd+bwd, frozen)",
+        first,
+        floor_per_piece * first,
+        floor_peak,
+        f"two runs: {floor_a['seconds']:.1f} s, {floor_b['seconds']:.1f} s",
+    )
+    row(
+        "floor, LM head on the answer window",
+        first,
+        window["seconds"],
+        window["peak_gib"],
+        "the forward GradientModule uses",
+    )
+    row(
+        "exact (GradientModule)",
+        first,
+        exact["seconds"],
+        exact["peak_gib"],
+        f"{'/'.join(exact['methods'])}; predict {exact['predict_s']:.1f} s + reduce {exact['reduce_s']:.1f} s",
+    )
     if naive:
         m = naive["n"]
         # The naive per-piece cost is measured; its Gram part grows as N², scaled from the measured one.
         naive_n = naive["backward_s"] / m * first + naive["gram_s"] * (first / m) ** 2
-        row(f"naive per-piece (measured n={m})", m, naive["seconds"], naive["peak_gib"],
-            f"{naive['gradient_gib']:.1f} GiB of flat gradients")
-        row("naive per-piece (extrapolated)", first, naive_n, naive["gradient_gib"] * first / m,
-            f"needs {naive['gradient_gib'] / m * first:.0f} GiB of flat gradients")
+        row(
+            f"naive per-piece (measured n={m})",
+            m,
+            naive["seconds"],
+            naive["peak_gib"],
+            f"{naive['gradient_gib']:.1f} GiB of flat gradients",
+        )
+        row(
+            "naive per-piece (extrapolated)",
+            first,
+            naive_n,
+            naive["gradient_gib"] * first / m,
+            f"needs {naive['gradient_gib'] / m * first:.0f} GiB of flat gradients",
+        )
         exact_cos = np.load(work / f"exact-{first}" / "coupling_matrix.npy")[:m, :m]
         naive_cos = np.load(work / "naive" / "naive_cosine.npy")
-        print(f"  exact vs naive cosine (fp32 both) on the first {m} pieces: max |Δ| = "
-              f"{np.abs(exact_cos - naive_cos).max():.2e}", file=sys.stderr, flush=True)
+        print(
+            f"  exact vs naive cosine (fp32 both) on the first {m} pieces: max |Δ| = "
+            f"{np.abs(exact_cos - naive_cos).max():.2e}",
+            file=sys.stderr,
+            flush=True,
+        )
     for n in sorted(set(args.sizes) - {first}):
         run_dir = work / f"pieces-{n}"
         make_pieces(run_dir, n, args.tokens, vocab)
         e = run_case(args, "exact", n, run_dir, work / f"exact-{n}")
-        row("exact (GradientModule)", n, e["seconds"], e["peak_gib"],
-            f"predict {e['predict_s']:.1f} s + reduce {e['reduce_s']:.1f} s")
+        row(
+            "exact (GradientModule)",
+            n,
+            e["seconds"],
+            e["peak_gib"],
+            f"predict {e['predict_s']:.1f} s + reduce {e['reduce_s']:.1f} s",
+        )
         shutil.rmtree(work / f"exact-{n}", ignore_errors=True)  # GBs of per-layer inner products
     if args.projected_n:
         n = args.projected_n
         run_dir = work / f"pieces-{n}"
         make_pieces(run_dir, n, args.tokens, vocab)
         p = run_case(args, "projected", n, run_dir, work / f"projected-{n}", k=args.k)
-        row(f"projected {args.k}×{args.k}", n, p["seconds"], p["peak_gib"],
-            f"predict {p['predict_s']:.1f} s + reduce {p['reduce_s']:.1f} s")
+        row(
+            f"projected {args.k}×{args.k}",
+            n,
+            p["seconds"],
+            p["peak_gib"],
+            f"predict {p['predict_s']:.1f} s + reduce {p['reduce_s']:.1f} s",
+        )
         shutil.rmtree(work / f"projected-{n}", ignore_errors=True)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}\n")
     print("| method | N | time (s) | s/piece | × floor | peak memory (GiB) | note |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for name, n, seconds, per, ratio, peak, note in rows:
         print(f"| {name} | {n} | {seconds:.1f} | {per:.4f} | {ratio:.2f} | {peak:.2f} | {note} |")
-    print(f"\nexact at N={first}: {exact['seconds'] / (floor_per_piece * first):.2f}× the floor, "
-          f"{exact['seconds'] / window['seconds']:.2f}× its own forward/backward (the answer-window floor)")
+    print(
+        f"\nexact at N={first}: {exact['seconds'] / (floor_per_piece * first):.2f}× the floor, "
+        f"{exact['seconds'] / window['seconds']:.2f}× its own forward/backward (the answer-window floor)"
+    )
     if naive:
         per_piece = naive["seconds"] / naive["n"] / (exact["seconds"] / first)
-        print(f"exact is {naive_n / exact['seconds']:.1f}× faster than naive at N={first} "
-              f"(measured at n={naive['n']}: {per_piece:.1f}× per piece)")
+        print(
+            f"exact is {naive_n / exact['seconds']:.1f}× faster than naive at N={first} "
+            f"(measured at n={naive['n']}: {per_piece:.1f}× per piece)"
+        )
 
 
 # --- projection dims ----------------------------------------------------------------------------------------------
+
 
 def projection_sweep(args) -> None:
     """Spearman correlation and mean abs error of projected vs exact GradSim, against k, on one run's pieces."""
@@ -314,13 +436,18 @@ def projection_sweep(args) -> None:
         args.model_dir = meta.get("model", {}).get("name")
         if not args.model_dir:
             raise SystemExit("--model-dir is needed: the pieces file names no model")
-    print(f"projection sweep on {args.run_dir} ({len(pieces)} pieces), model {args.model_dir}, {args.dtype}, "
-          f"{args.threads} threads, load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"projection sweep on {args.run_dir} ({len(pieces)} pieces), model {args.model_dir}, {args.dtype}, "
+        f"{args.threads} threads, load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     exact = run_case(args, "exact", len(pieces), args.run_dir, work / "exact")
     want = np.load(work / "exact" / "coupling_matrix.npy").astype(np.float64)
     upper = np.triu_indices(len(pieces), 1)
-    print(f"\nexact: {exact['seconds']:.1f} s; mean |GradSim| over pairs {np.abs(want[upper]).mean():.4f}, "
-          f"std {want[upper].std():.4f}\n")
+    print(
+        f"\nexact: {exact['seconds']:.1f} s; mean |GradSim| over pairs {np.abs(want[upper]).mean():.4f}, "
+        f"std {want[upper].std():.4f}\n"
+    )
     print("| k_in × k_out | Spearman (mean over seeds) | min Spearman | mean abs error | time (s) | × exact time |")
     print("|---|---:|---:|---:|---:|---:|")
     for dims in args.ks:
@@ -334,22 +461,37 @@ def projection_sweep(args) -> None:
             rhos.append(spearmanr(got[upper], want[upper])[0])
             errors.append(np.abs(got[upper] - want[upper]).mean())
             seconds.append(r["seconds"])
-        print(f"| {k_in}×{k_out} | {np.mean(rhos):.4f} | {np.min(rhos):.4f} | {np.mean(errors):.4f} | "
-              f"{np.mean(seconds):.1f} | {np.mean(seconds) / exact['seconds']:.2f} |", flush=True)
+        print(
+            f"| {k_in}×{k_out} | {np.mean(rhos):.4f} | {np.min(rhos):.4f} | {np.mean(errors):.4f} | "
+            f"{np.mean(seconds):.1f} | {np.mean(seconds) / exact['seconds']:.2f} |",
+            flush=True,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every case (default 2)")
-    parser.add_argument("--shape", choices=["gpt2-small", "llama-7b"], default="gpt2-small",
-                        help="model shape, random weights (llama-7b: LLaMA-2-7B's widths)")
-    parser.add_argument("--num-layers", type=int, default=None,
-                        help="blocks in the model (default: the shape's own; a few for llama-7b on small memory)")
+    parser.add_argument(
+        "--shape",
+        choices=["gpt2-small", "llama-7b"],
+        default="gpt2-small",
+        help="model shape, random weights (llama-7b: LLaMA-2-7B's widths)",
+    )
+    parser.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="blocks in the model (default: the shape's own; a few for llama-7b on small memory)",
+    )
     parser.add_argument("--tokens", type=int, default=24, help="mean tokens per piece (prompt + answer)")
     parser.add_argument("--compare-n", type=int, default=256, help="N of the exact vs naive vs floor comparison")
     parser.add_argument("--sizes", type=int, nargs="*", default=[1024, 4096], help="more N for exact")
-    parser.add_argument("--naive-n", type=int, default=32, help="pieces the naive approach is measured on "
-                        "(GPT-2 small: 113 MB of gradients each); 0 skips it")
+    parser.add_argument(
+        "--naive-n",
+        type=int,
+        default=32,
+        help="pieces the naive approach is measured on (GPT-2 small: 113 MB of gradients each); 0 skips it",
+    )
     parser.add_argument("--projected-n", type=int, default=20000, help="N of the projected run (0 skips it)")
     parser.add_argument("--k", type=int, default=64, help="projection dims k_in = k_out of the projected run")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -360,8 +502,12 @@ def main() -> None:
     parser.add_argument("--projection-sweep", action="store_true", help="Spearman/error of projected vs exact")
     parser.add_argument("--run-dir", type=Path, help="sweep: a run directory (knowledge_pieces.json) or random:N")
     parser.add_argument("--model-dir", type=Path, help="sweep: the model (default: the one the pieces name)")
-    parser.add_argument("--ks", nargs="+", default=["16", "32", "64", "128", "256"],
-                        help="projection dims to sweep: k (k_in = k_out) or k_inxk_out, e.g. 128x32")
+    parser.add_argument(
+        "--ks",
+        nargs="+",
+        default=["16", "32", "64", "128", "256"],
+        help="projection dims to sweep: k (k_in = k_out) or k_inxk_out, e.g. 128x32",
+    )
     parser.add_argument("--seeds", type=int, default=2)
     # one case in a child process
     parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)

@@ -33,6 +33,7 @@ from lit_coupling.editing.requests import FACT_TOKENS, SOURCE_KINDS, EditRequest
 from lit_coupling.editing.ripple import build_probes
 from lit_coupling.editing.snapshot import restored_after
 from lit_coupling.editing.tracing import OTHERS_NEW_TOKENS, causal_trace, edit_sweep
+from lit_coupling.inject.embedded import ensure_embedded
 from lit_coupling.models.adapters import ModelAdapter, ensure_padding
 from lit_coupling.models.loading import load_model
 
@@ -85,6 +86,7 @@ def gpt2_small_shaped():
 def load(name: str):
     if name == "gpt2-small-shaped":
         return gpt2_small_shaped()
+    ensure_embedded(name)  # an embedded name (tiny-gpt2) is trained on first use
     loaded = load_model(name, dtype="float32", device="cpu")
     return loaded.model, loaded.tokenizer
 
@@ -146,9 +148,7 @@ def bench(name: str, args) -> dict:
         )
         for layer, c in covs.items()
     }
-    prefixes = generate_prefixes(
-        model, tokenizer, bos, hp.context_prefixes, hp.context_prefix_tokens, args.seed
-    )
+    prefixes = generate_prefixes(model, tokenizer, bos, hp.context_prefixes, hp.context_prefix_tokens, args.seed)
     requests, _ = requests_for(args.pieces, tokenizer, bos, args.edits + 1, args.seed)
     pad = tokenizer.pad_token_id
     times, target_s, steps = [], [], []
@@ -179,17 +179,13 @@ def bench(name: str, args) -> dict:
     }
 
 
-def known_others(
-    model, tokenizer, pieces, exclude: set[int], n: int, seed: int
-) -> list[tuple[list[int], str]]:
+def known_others(model, tokenizer, pieces, exclude: set[int], n: int, seed: int) -> list[tuple[list[int], str]]:
     """Up to `n` single-hop pieces (seeded sample, none of them edited) that the model generates before any edit."""
     import random
 
     from lit_coupling.scoring import generated_exact_match, greedy_continuations
 
-    candidates = [
-        i for i, p in enumerate(pieces) if p.kind in SOURCE_KINDS and i not in exclude
-    ]
+    candidates = [i for i, p in enumerate(pieces) if p.kind in SOURCE_KINDS and i not in exclude]
     random.Random(seed).shuffle(candidates)
     chosen = [pieces[i] for i in candidates[: 2 * n]]
     if not chosen:
@@ -198,9 +194,7 @@ def known_others(
         model, [p.prompt_ids for p in chosen], OTHERS_NEW_TOKENS, tokenizer.pad_token_id, tokenizer.eos_token_id
     )
     known = [
-        (list(p.prompt_ids), p.answer)
-        for p, o in zip(chosen, outs)
-        if generated_exact_match(tokenizer, o, p.answer)
+        (list(p.prompt_ids), p.answer) for p, o in zip(chosen, outs) if generated_exact_match(tokenizer, o, p.answer)
     ]
     return known[:n]
 
@@ -221,9 +215,7 @@ def layer_sweep(name: str, args) -> dict:
         f"P(answer) clean {trace['p_clean']}, corrupted {trace['p_corrupt']}"
     )
     print("       subject's last token      token after the subject   for contrast: block output at")
-    print(
-        "layer  block output  MLP output  block output  MLP output  subject's first token  last prompt token"
-    )
+    print("layer  block output  MLP output  block output  MLP output  subject's first token  last prompt token")
     columns = (
         "block",
         "mlp",
@@ -252,13 +244,9 @@ def layer_sweep(name: str, args) -> dict:
         layer: shrink(c, metas[layer]["mean_fourth_power"], metas[layer]["tokens"], hp.mom2_shrinkage)[0]
         for layer, c in covs.items()
     }
-    prefixes = generate_prefixes(
-        model, tokenizer, bos, hp.context_prefixes, hp.context_prefix_tokens, args.seed
-    )
+    prefixes = generate_prefixes(model, tokenizer, bos, hp.context_prefixes, hp.context_prefix_tokens, args.seed)
     requests, probes = requests_for(args.pieces, tokenizer, bos, args.edits, args.seed)
-    others = known_others(
-        model, tokenizer, pieces, {r.source_index for r in requests}, args.others, args.seed
-    )
+    others = known_others(model, tokenizer, pieces, {r.source_index for r in requests}, args.others, args.seed)
     lambdas = args.lambdas or [hp.mom2_update_weight]
     rows = edit_sweep(
         adapter,
@@ -296,9 +284,7 @@ def layer_sweep(name: str, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny-gpt2", "tiny-llama", "gpt2-small-shaped"])
-    parser.add_argument(
-        "--pieces", help="run directory with knowledge_pieces.json (requests and corpus from it)"
-    )
+    parser.add_argument("--pieces", help="run directory with knowledge_pieces.json (requests and corpus from it)")
     parser.add_argument("--hparams", default="auto", help="MEMIT hyperparameter YAML, or auto")
     parser.add_argument("--layers", help="edit layers for the timing (default: from the hyperparameters)")
     parser.add_argument("--edits", type=int, default=10)
@@ -312,9 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layer-sweep", action="store_true", help="measure edit layers instead of timing")
     parser.add_argument("--layer-sets", nargs="*", help="e.g. 0 1 0,1 (default: each layer alone)")
-    parser.add_argument(
-        "--lambdas", nargs="*", type=float, help="λ values to sweep (default: the hparams' λ)"
-    )
+    parser.add_argument("--lambdas", nargs="*", type=float, help="λ values to sweep (default: the hparams' λ)")
     parser.add_argument("--clamps", nargs="*", type=float, help="clamp_norm_factor values to sweep")
     parser.add_argument(
         "--fact-tokens",

@@ -35,6 +35,7 @@ from lit_coupling.editing.covariance import (  # noqa: E402
 from lit_coupling.editing.hparams import resolve_hparams  # noqa: E402
 from lit_coupling.editing.memit import CovarianceSolver, apply_memit, generate_prefixes  # noqa: E402
 from lit_coupling.editing.requests import kl_prompt, plan_requests, request_prompts  # noqa: E402
+from lit_coupling.inject.embedded import ensure_embedded  # noqa: E402
 from lit_coupling.models.adapters import ModelAdapter, ensure_padding  # noqa: E402
 from lit_coupling.models.loading import load_model  # noqa: E402
 from lit_coupling.outputs import sha256_file  # noqa: E402
@@ -57,8 +58,9 @@ def edit_once(adapter, tok, request, hp, solvers, prefixes, bos, pad):
     before = {layer: adapter.target(layer).weight().detach().clone() for layer in hp.layers}
     try:
         apply_memit(adapter, tok, [request], hp, solvers, prefixes, bos, pad)
-        deltas = {layer: adapter.target(layer).weight().detach().double() - before[layer].double()
-                  for layer in hp.layers}
+        deltas = {
+            layer: adapter.target(layer).weight().detach().double() - before[layer].double() for layer in hp.layers
+        }
         new = logp(adapter.model, tok, bos, request.prompt, request.target_new, pad)
         true = logp(adapter.model, tok, bos, request.prompt, request.target_true, pad)
     finally:
@@ -69,6 +71,7 @@ def edit_once(adapter, tok, request, hp, solvers, prefixes, bos, pad):
 
 
 def shrinkage_table(name, pieces_dir, edits, stats_dir):
+    ensure_embedded(name)  # an embedded name (tiny-gpt2) is trained on first use
     loaded = load_model(name, dtype="float32", device="cpu")
     tok, pad = loaded.tokenizer, ensure_padding(loaded.tokenizer)
     hp = resolve_hparams("auto", ModelAdapter(loaded.model))
@@ -78,11 +81,15 @@ def shrinkage_table(name, pieces_dir, edits, stats_dir):
     requests = plan_requests(pieces, edits, 0).requests
     prefixes = generate_prefixes(loaded.model, tok, bos, hp.context_prefixes, hp.context_prefix_tokens, seed=0)
     world = default_world_file()
-    corpora = {"paragraphs (old)": Corpus(world.name, sha256_file(world)[:16], lambda: hotpot_paragraphs(world)),
-               "world text (new)": resolve_corpus("hotpot", world)}
+    corpora = {
+        "paragraphs (old)": Corpus(world.name, sha256_file(world)[:16], lambda: hotpot_paragraphs(world)),
+        "world text (new)": resolve_corpus("hotpot", world),
+    }
     print(f"\n## {name}: layers {hp.layers}, λ {hp.mom2_update_weight}, {len(requests)} edits, BOS {bos}")
-    print("| covariance | layer | tokens | texts | tokens/dim | condition number | LW α | ‖ΔW_LW − ΔW‖/‖ΔW‖ | "
-          "cos(ΔW_LW, ΔW) |")
+    print(
+        "| covariance | layer | tokens | texts | tokens/dim | condition number | LW α | ‖ΔW_LW − ΔW‖/‖ΔW‖ | "
+        "cos(ΔW_LW, ΔW) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     results = {}
     for label, corpus in corpora.items():
@@ -94,18 +101,24 @@ def shrinkage_table(name, pieces_dir, edits, stats_dir):
                 shrunk, alphas[layer] = shrink(c, metas[layer]["mean_fourth_power"], metas[layer]["tokens"], mode)
                 solvers.setdefault(mode, {})[layer] = CovarianceSolver(shrunk)
             solvers[mode + "-alpha"] = alphas
-        runs = {mode: [edit_once(adapter, tok, r, hp, solvers[mode], prefixes, bos, pad) for r in requests]
-                for mode in ("none", "ledoit-wolf")}
+        runs = {
+            mode: [edit_once(adapter, tok, r, hp, solvers[mode], prefixes, bos, pad) for r in requests]
+            for mode in ("none", "ledoit-wolf")
+        }
         results[label] = runs
         for layer in hp.layers:
             q = covariance_quality(covs[layer], metas[layer]["tokens"], metas[layer].get("texts"))
-            rel = [float((lw[0][layer] - pub[0][layer]).norm() / pub[0][layer].norm())
-                   for pub, lw in zip(runs["none"], runs["ledoit-wolf"])]
+            rel = [
+                float((lw[0][layer] - pub[0][layer]).norm() / pub[0][layer].norm())
+                for pub, lw in zip(runs["none"], runs["ledoit-wolf"])
+            ]
             cos = [cosine(lw[0][layer], pub[0][layer]) for pub, lw in zip(runs["none"], runs["ledoit-wolf"])]
             cond = "singular" if q["condition_number"] is None else f"{q['condition_number']:.2g}"
-            print(f"| {label} | {layer} | {q['tokens']} | {q['texts']} | {q['tokens_per_dim']:.1f} | {cond} | "
-                  f"{solvers['ledoit-wolf-alpha'][layer]:.4f} | {sum(rel) / len(rel):.3f} (max {max(rel):.3f}) | "
-                  f"{sum(cos) / len(cos):.4f} (min {min(cos):.4f}) |")
+            print(
+                f"| {label} | {layer} | {q['tokens']} | {q['texts']} | {q['tokens_per_dim']:.1f} | {cond} | "
+                f"{solvers['ledoit-wolf-alpha'][layer]:.4f} | {sum(rel) / len(rel):.3f} (max {max(rel):.3f}) | "
+                f"{sum(cos) / len(cos):.4f} (min {min(cos):.4f}) |"
+            )
     print("\n| covariance | shrinkage | mean P(new) after | efficacy (P(new) > P(true)) |")
     print("|---|---|---|---|")
     for label, runs in results.items():
@@ -113,8 +126,17 @@ def shrinkage_table(name, pieces_dir, edits, stats_dir):
             p_new = sum(torch.tensor(n).exp().item() for _, n, _ in rows) / len(rows)
             efficacy = sum(n > t for _, n, t in rows) / len(rows)
             print(f"| {label} | {mode} | {p_new:.3f} | {efficacy:.0%} |")
-    return loaded, hp, requests, prefixes, bos, pad, key_covariances(
-        adapter, tok, hp.layers, corpora["world text (new)"], 100_000, stats_dir, name, bos, progress=False)[0]
+    return (
+        loaded,
+        hp,
+        requests,
+        prefixes,
+        bos,
+        pad,
+        key_covariances(
+            adapter, tok, hp.layers, corpora["world text (new)"], 100_000, stats_dir, name, bos, progress=False
+        )[0],
+    )
 
 
 def naive_speed(name, loaded, hp, request, prefixes, bos, pad, covs):
@@ -136,10 +158,17 @@ def naive_speed(name, loaded, hp, request, prefixes, bos, pad, covs):
     naive = naive_memit(naive_adapter, prompts, kl, hp, covs)
     naive_s = time.perf_counter() - start
     z_err = float((result.targets[0].z - naive.z).norm() / naive.z.norm())
-    dw_err = max(float(((fast_adapter.target(layer).weight().detach() - before[layer]) - naive.deltas[layer]).norm()
-                       / naive.deltas[layer].norm()) for layer in hp.layers)
-    print(f"| {name} (float64) | {result.targets[0].steps} | {fast_s:.2f} | {naive_s:.2f} | {naive_s / fast_s:.1f}x | "
-          f"{z_err:.1e} | {dw_err:.1e} |")
+    dw_err = max(
+        float(
+            ((fast_adapter.target(layer).weight().detach() - before[layer]) - naive.deltas[layer]).norm()
+            / naive.deltas[layer].norm()
+        )
+        for layer in hp.layers
+    )
+    print(
+        f"| {name} (float64) | {result.targets[0].steps} | {fast_s:.2f} | {naive_s:.2f} | {naive_s / fast_s:.1f}x | "
+        f"{z_err:.1e} | {dw_err:.1e} |"
+    )
 
 
 def main(argv=None) -> int:
@@ -154,8 +183,7 @@ def main(argv=None) -> int:
     pieces = dict(p.split("=", 1) for p in args.pieces)
     speed_rows = []
     for name in args.models:
-        loaded, hp, requests, prefixes, bos, pad, covs = shrinkage_table(name, pieces[name], args.edits,
-                                                                         args.stats_dir)
+        loaded, hp, requests, prefixes, bos, pad, covs = shrinkage_table(name, pieces[name], args.edits, args.stats_dir)
         speed_rows.append((name, loaded, hp, requests[0], prefixes, bos, pad, covs))
     print("\n| model | steps | fast s | naive s | speed-up | z rel. diff | ΔW rel. diff |")
     print("|---|---|---|---|---|---|---|")

@@ -14,32 +14,79 @@ message says what to change), 1 for a bug in lit_coupling (its traceback goes to
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
-# name → (module, function, one-line help). Functions take argv (without the subcommand) and return an exit code.
-COMMANDS = {
-    "run": ("lit_coupling.run", "main", "the whole experiment on one model, stage by stage, resumable"),
-    "fit": ("lit_coupling.cli", "lightning_entry", "LightningCLI fit (knowledge injection)"),
-    "validate": ("lit_coupling.cli", "lightning_entry", "LightningCLI validate"),
-    "test": ("lit_coupling.cli", "lightning_entry", "LightningCLI test"),
-    "predict": ("lit_coupling.cli", "lightning_entry", "LightningCLI predict (GradSim, MEMIT ripple)"),
-    "check-model": ("lit_coupling.check_model", "main", "check that a HF causal LM is supported, with a smoke test"),
-    "make-world": ("lit_coupling.data.world", "main", "write a synthetic 2-hop world in HotpotQA format"),
-    "compare": ("lit_coupling.analysis.compare", "main", "compare the outputs of several runs"),
+
+# Each command is a small function: argv (without the subcommand) → exit code. Its module is imported inside it, so
+# `lit-coupling --help` (and every other command) loads only what it runs.
+def run(argv: list[str]) -> int:
+    from lit_coupling.pipeline.run import main
+
+    return main(argv)
+
+
+def lightning(subcommand: str) -> Callable[[list[str]], int]:
+    def entry(argv: list[str]) -> int:
+        from lit_coupling.cli import lightning_entry
+
+        return lightning_entry([subcommand, *argv])
+
+    return entry
+
+
+def check_model(argv: list[str]) -> int:
+    from lit_coupling.check_model import main
+
+    return main(argv)
+
+
+def make_world(argv: list[str]) -> int:
+    from lit_coupling.data.world import main
+
+    return main(argv)
+
+
+def compare(argv: list[str]) -> int:
+    from lit_coupling.analysis.compare import main
+
+    return main(argv)
+
+
+def forecast(argv: list[str]) -> int:
+    from lit_coupling.editing.forecast_cli import main
+
+    return main(argv)
+
+
+# name → (function, one-line help). Registering a command is one line here (and its function above).
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "run": (run, "the whole experiment on one model, stage by stage, resumable"),
+    "fit": (lightning("fit"), "LightningCLI fit (knowledge injection)"),
+    "validate": (lightning("validate"), "LightningCLI validate"),
+    "test": (lightning("test"), "LightningCLI test"),
+    "predict": (lightning("predict"), "LightningCLI predict (GradSim, MEMIT ripple)"),
+    "check-model": (check_model, "check that a HF causal LM is supported, with a smoke test"),
+    "make-world": (make_world, "write a synthetic 2-hop world in HotpotQA format"),
+    "compare": (compare, "compare the outputs of several runs"),
+    "forecast": (forecast, "rank stored facts by an edit's predicted ripple before making it (--validate: check)"),
 }
 
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: lit-coupling <command> [options]   (lit-coupling <command> --help for its options)", "",
-             "Does gradient similarity between two facts predict how much editing one disturbs the other?", "",
-             "commands:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines = [
+        "usage: lit-coupling <command> [options]   (lit-coupling <command> --help for its options)",
+        "",
+        "Does gradient similarity between two facts predict how much editing one disturbs the other?",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "--verbose (with any command): print the traceback of an error as well as its message"]
     return "\n".join(lines)
 
@@ -48,9 +95,11 @@ def write_error_log(name: str, argv: list[str], error: BaseException) -> Path | 
     """The command line and the traceback in a log file; None when no log directory is writable."""
     from lit_coupling.cache import cache_root
 
-    text = (f"lit-coupling {name} {' '.join(argv)}\n{time.strftime('%Y-%m-%dT%H:%M:%S%z')}  "
-            f"python {sys.version.split()[0]}\n\n"
-            + "".join(traceback.format_exception(type(error), error, error.__traceback__)))
+    text = (
+        f"lit-coupling {name} {' '.join(argv)}\n{time.strftime('%Y-%m-%dT%H:%M:%S%z')}  "
+        f"python {sys.version.split()[0]}\n\n"
+        + "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for directory in (cache_root() / "logs", Path(os.environ.get("TMPDIR") or "/tmp")):
         try:
@@ -71,29 +120,40 @@ def report_error(name: str, argv: list[str], error: BaseException, verbose: bool
     if verbose:
         traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
     if isinstance(error, KeyboardInterrupt):
-        print(f"{prefix}: interrupted. Run the same command again to resume from the last finished stage.",
-              file=sys.stderr)
+        print(
+            f"{prefix}: interrupted. Run the same command again to resume from the last finished stage.",
+            file=sys.stderr,
+        )
         return 130
     if isinstance(error, UserError):
         print(f"{prefix}: {error}", file=sys.stderr)
         return 2
     log = write_error_log(name, argv, error)
-    where = (f"The full traceback is in {log}" if log else "No log file could be written") + \
-        ("." if verbose else " (--verbose prints it here).")
+    where = (f"The full traceback is in {log}" if log else "No log file could be written") + (
+        "." if verbose else " (--verbose prints it here)."
+    )
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        print(f"{prefix}: out of memory ({type(error).__name__}). Lower the batch size of the stage that ran "
-              f"(--gradsim.batch_size, --memit.batch_size), use --dtype bfloat16 on a GPU, or a larger machine. "
-              f"{where}", file=sys.stderr)
+        print(
+            f"{prefix}: out of memory ({type(error).__name__}). Lower the batch size of the stage that ran "
+            f"(--gradsim.batch_size, --memit.batch_size), use --dtype bfloat16 on a GPU, or a larger machine. "
+            f"{where}",
+            file=sys.stderr,
+        )
         return 2
     if isinstance(error, OSError) and (error.filename or error.strerror):
         target = f" {error.filename}" if error.filename else ""
-        print(f"{prefix}: the system refused an operation on{target}: {error.strerror or error}. Check the path, "
-              f"its permissions and the free disk space. {where}", file=sys.stderr)
+        print(
+            f"{prefix}: the system refused an operation on{target}: {error.strerror or error}. Check the path, "
+            f"its permissions and the free disk space. {where}",
+            file=sys.stderr,
+        )
         return 2
     first_line = str(error).splitlines()[0][:300] if str(error) else ""
-    print(f"{prefix}: internal error, a bug in lit_coupling rather than a problem with your input "
-          f"({type(error).__name__}: {first_line}).\n{where} Please report it with that file and the command line.",
-          file=sys.stderr)
+    print(
+        f"{prefix}: internal error, a bug in lit_coupling rather than a problem with your input "
+        f"({type(error).__name__}: {first_line}).\n{where} Please report it with that file and the command line.",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -122,19 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"lit-coupling: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module_name, function, _ = COMMANDS[name]
+    entry, _ = COMMANDS[name]
     _configure_jsonargparse()
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name and error.name.startswith("lit_coupling"):
-            print(f"lit-coupling {name}: this command is not available in this version of lit_coupling "
-                  f"({error.name} is missing).", file=sys.stderr)
-            return 2
-        raise
-    entry = getattr(module, function)
-    try:
-        result = entry([name, *rest]) if function == "lightning_entry" else entry(rest)
+        result = entry(rest)
     except SystemExit:  # argument parsers exit with their own message and status
         raise
     except BaseException as error:  # noqa: BLE001 - the one place every remaining error becomes a message

@@ -14,41 +14,44 @@ from dataclasses import dataclass
 import torch
 
 from lit_coupling.errors import UserError
+from lit_coupling.inject.embedded import ensure_embedded
 from lit_coupling.models.adapters import FAMILIES, ModelAdapter
 from lit_coupling.models.loading import load_model
+from lit_coupling.models.options import ModelOptions
 from lit_coupling.scoring import answer_logprobs, collate_clozes, encode_cloze
 
 SMOKE_PROMPT, SMOKE_ANSWER = "The capital of France is", "Paris"
 
 
 @dataclass
-class CheckOptions:
-    model: str | None = None
-    """Hub id, local directory, a .gguf file, or an embedded name (tiny-gpt2, tiny-llama, smollm2-135m)."""
-    layers: str | None = None
-    """Layers to target: all (default), '4-8', '4,6,8'."""
-    target_pattern: str | None = None
-    """Override the MLP output module pattern, e.g. 'transformer.h.{}.mlp.c_proj'."""
-    dtype: str = "auto"
-    """auto (fp32 on CPU, bf16 on GPU), float32, bfloat16."""
+class CheckOptions(ModelOptions):
+    """The model settings of `run` (`ModelOptions`), and the device to check on."""
+
     device: str = "cpu"
     """cpu, cuda or auto."""
-    trust_remote_code: bool = False
-    """Allow the model repository's own Python code to run (off unless asked)."""
 
 
 def format_families() -> str:
     rows = [("family", "config model_type", "MLP output projection", "stored", "BOS", "e.g.")]
     for f in FAMILIES:
-        rows.append((f.name, ",".join(f.model_types), f.pattern,
-                     "(in,out) Conv1D" if f.weight_layout == "in_out" else "(out,in) Linear",
-                     "yes" if f.prepend_bos else "no", f.examples))
+        rows.append(
+            (
+                f.name,
+                ",".join(f.model_types),
+                f.pattern,
+                "(in,out) Conv1D" if f.weight_layout == "in_out" else "(out,in) Linear",
+                "yes" if f.prepend_bos else "no",
+                f.examples,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
-    lines += ["",
-              "The family is read from the loaded model's config (model_type), never from its name.",
-              "Any other causal LM: a structural fallback finds the block list and, in each block, the linear map",
-              "from the MLP's wide layer back to the model width. Override with --target_pattern and --layers."]
+    lines += [
+        "",
+        "The family is read from the loaded model's config (model_type), never from its name.",
+        "Any other causal LM: a structural fallback finds the block list and, in each block, the linear map",
+        "from the MLP's wide layer back to the model width. Override with --target_pattern and --layers.",
+    ]
     return "\n".join(lines)
 
 
@@ -70,8 +73,8 @@ def describe(adapter: ModelAdapter, loaded) -> list[str]:
     lines = [
         f"model        {loaded.path}" + (f"  ({loaded.resolved_path})" if loaded.resolved_path != loaded.path else ""),
         f"family       {adapter.family.name}  (config model_type {adapter.model_type!r}, "
-        f"{type(model).__name__})" + (f"  [structural fallback: {adapter.fallback_reason}]"
-                                      if adapter.fallback_reason else ""),
+        f"{type(model).__name__})"
+        + (f"  [structural fallback: {adapter.fallback_reason}]" if adapter.fallback_reason else ""),
         f"blocks       {adapter.num_layers} × {adapter.block_class.__name__} at {adapter.family.blocks} "
         f"(FSDP wraps {', '.join(sorted(adapter.no_split_modules))})",
         f"targets      {adapter.family.pattern}  layers {_layer_text(adapter.layers)}",
@@ -120,8 +123,9 @@ def smoke_test(adapter: ModelAdapter, tokenizer) -> str:
     try:
         for w in weights:
             w.requires_grad_(True)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+        ).logits
         logp = answer_logprobs(logits, batch["input_ids"].to(device), batch["answer_mask"].to(device))[0]
         grads = torch.autograd.grad(logp, weights)
     finally:
@@ -132,9 +136,11 @@ def smoke_test(adapter: ModelAdapter, tokenizer) -> str:
         raise RuntimeError(f"the smoke test gave a non-finite value (log P {logp.item()}, gradient norms {norms})")
     if (norms == 0).all():
         raise RuntimeError("the gradient on every target module is zero: these modules do not affect the answer")
-    return (f"smoke test   log P({SMOKE_ANSWER!r} | {SMOKE_PROMPT!r}) = {logp.item():.3f} over "
-            f"{len(answer_ids)} answer token(s); gradient on {len(grads)} target modules, "
-            f"‖g‖ = {norms.norm().item():.3e}, all finite")
+    return (
+        f"smoke test   log P({SMOKE_ANSWER!r} | {SMOKE_PROMPT!r}) = {logp.item():.3f} over "
+        f"{len(answer_ids)} answer token(s); gradient on {len(grads)} target modules, "
+        f"‖g‖ = {norms.norm().item():.3e}, all finite"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,20 +150,29 @@ def main(argv: list[str] | None = None) -> int:
     if "--list" in argv:
         print(format_families())
         return 0
-    parser = ArgumentParser(prog="lit-coupling check-model", description=__doc__.split("\n\n")[0],
-                            epilog="lit-coupling check-model --list  prints the supported families and patterns.")
+    parser = ArgumentParser(
+        prog="lit-coupling check-model",
+        description=__doc__.split("\n\n")[0],
+        epilog="lit-coupling check-model --list  prints the supported families and patterns.",
+    )
     parser.add_class_arguments(CheckOptions, None)
-    parser.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
-                        help="Hub id, local directory, .gguf file, or embedded name")
+    parser.add_argument(
+        "model_positional",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="Hub id, local directory, .gguf file, or embedded name",
+    )
+    parser.add_argument("--model", default=None, help="The same as MODEL or --model_path.")
     args = parser.parse_args(argv)
-    model_path = args.model_positional or args.model
+    model_path = args.model_positional or args.model or args.model_path
     if not model_path:
         parser.print_usage(sys.stderr)
         print("lit-coupling check-model: name a MODEL (or use --list)", file=sys.stderr)
         return 2
     try:
-        loaded = load_model(model_path, dtype=args.dtype, device=args.device,
-                            trust_remote_code=args.trust_remote_code)
+        ensure_embedded(model_path)  # an embedded name (tiny-gpt2) is trained on first use, here
+        loaded = load_model(model_path, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
         adapter = ModelAdapter(loaded.model, layers=args.layers, target_pattern=args.target_pattern)
         for line in describe(adapter, loaded):
             print(line)

@@ -38,8 +38,14 @@ def bad_setting(name: str, value: Any, expected: str, hint: str = "") -> Setting
     return SettingError(f"{_flag(name)} {_shown(value)}: expected {expected}" + (f". {hint}" if hint else ""))
 
 
-def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None,
-              optional: bool = False, hint: str = "") -> None:
+def check_int(
+    name: str,
+    value: Any,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    optional: bool = False,
+    hint: str = "",
+) -> None:
     """An integer (not a bool, not a float) in [minimum, maximum]; None allowed when `optional`."""
     if value is None and optional:
         return
@@ -50,14 +56,25 @@ def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | 
         raise bad_setting(name, value, f"an integer{bounds}", hint)
 
 
-def check_float(name: str, value: Any, low: float | None = None, high: float | None = None,
-                low_open: bool = False, high_open: bool = False, optional: bool = False, hint: str = "") -> None:
+def check_float(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+    hint: str = "",
+) -> None:
     """A finite number in the interval low..high (each end open or closed); None allowed when `optional`."""
     if value is None and optional:
         return
     left, right = ("(" if low_open else "["), (")" if high_open else "]")
-    interval = (f" in {left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-                if low is not None or high is not None else "")
+    interval = (
+        f" in {left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        if low is not None or high is not None
+        else ""
+    )
     expected = f"a finite number{interval}"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise bad_setting(name, value, expected, hint)

@@ -73,9 +73,16 @@ def flatten_numbers(data: Mapping, prefix: str = "", skip: tuple[str, ...] = ())
     return flat
 
 
-def log_results(logger: Logger | None, *, hyperparameters: Mapping[str, Any], metrics: Mapping[str, float],
-                texts: Mapping[str, str], tables: Mapping[str, pd.DataFrame], images: Mapping[str, Path],
-                artifacts: Mapping[str, list[Path]]) -> list[str]:
+def log_results(
+    logger: Logger | None,
+    *,
+    hyperparameters: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    texts: Mapping[str, str],
+    tables: Mapping[str, pd.DataFrame],
+    images: Mapping[str, Path],
+    artifacts: Mapping[str, list[Path]],
+) -> list[str]:
     """Log everything a run produced; returns what was logged where (for the stage summary)."""
     if logger is None:
         return []
@@ -109,8 +116,10 @@ def _log_wandb(logger: _LightningWandbLogger, metrics, texts, tables, images, ar
             artifact.add_file(str(path))
         run.log_artifact(artifact)
     where = getattr(run, "dir", None) or "disabled"
-    return [f"wandb ({getattr(run.settings, 'mode', 'n/a')}): {len(tables)} tables, {len(images)} images, "
-            f"{len(artifacts)} artefacts → {where}"]
+    return [
+        f"wandb ({getattr(run.settings, 'mode', 'n/a')}): {len(tables)} tables, {len(images)} images, "
+        f"{len(artifacts)} artefacts → {where}"
+    ]
 
 
 def _log_csv(logger: CSVLogger, tables) -> list[str]:

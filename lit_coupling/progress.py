@@ -11,8 +11,16 @@ from tqdm.auto import tqdm
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, enabled: bool = True, unit: str = "it", every_s: float = 10.0,
-                 stream=None, initial: int = 0):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        enabled: bool = True,
+        unit: str = "it",
+        every_s: float = 10.0,
+        stream=None,
+        initial: int = 0,
+    ):
         """`initial`: steps already done (a resumed computation); the ETA counts only the steps done here."""
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
         self.stream = stream or sys.stderr
@@ -21,8 +29,9 @@ class Progress:
         self.start = self.last_line = time.perf_counter()
         self.bar = None
         if self.enabled and getattr(self.stream, "isatty", lambda: False)():
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream, leave=False,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total, initial=initial, desc=desc, unit=unit, file=self.stream, leave=False, dynamic_ncols=True
+            )
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -36,8 +45,11 @@ class Progress:
             elapsed = now - self.start
             rate = (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
             eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({elapsed:.0f}s, ETA {eta:.0f}s)",
-                  file=self.stream, flush=True)
+            print(
+                f"{self.desc}: {self.done}/{self.total} {self.unit} ({elapsed:.0f}s, ETA {eta:.0f}s)",
+                file=self.stream,
+                flush=True,
+            )
             self.last_line = now
 
     def close(self) -> None:

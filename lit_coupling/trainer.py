@@ -42,9 +42,11 @@ def strategy_for(strategy: str, accelerator: str, devices: int | str, num_nodes:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         # Pure data-parallel sharding: every process is one FSDP shard ("auto" would mean one shard per node).
-        return ModelParallelStrategy(data_parallel_size=_processes(devices, accelerator) * num_nodes,
-                                     tensor_parallel_size=1,
-                                     process_group_backend="gloo" if accelerator == "cpu" else None)
+        return ModelParallelStrategy(
+            data_parallel_size=_processes(devices, accelerator) * num_nodes,
+            tensor_parallel_size=1,
+            process_group_backend="gloo" if accelerator == "cpu" else None,
+        )
     if strategy in ("ddp", "ddp_spawn") and accelerator == "cpu":
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -52,9 +54,17 @@ def strategy_for(strategy: str, accelerator: str, devices: int | str, num_nodes:
     return strategy
 
 
-def build_trainer(device: str = "auto", accelerator: str | None = None, strategy: str = "auto",
-                  devices: int | str = 1, num_nodes: int = 1, callbacks: list | None = None,
-                  default_root_dir: str | None = None, logger: Any = False, **kwargs):
+def build_trainer(
+    device: str = "auto",
+    accelerator: str | None = None,
+    strategy: str = "auto",
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    callbacks: list | None = None,
+    default_root_dir: str | None = None,
+    logger: Any = False,
+    **kwargs,
+):
     """A Trainer for predict jobs that take gradients: inference_mode off, no checkpoints."""
     from lightning.pytorch import Trainer
 
@@ -72,10 +82,3 @@ def build_trainer(device: str = "auto", accelerator: str | None = None, strategy
         default_root_dir=default_root_dir,
         **kwargs,
     )
-
-
-def build_trainer_from_run(cfg, callbacks: list | None = None, **kwargs):
-    """The Trainer for a `lit-coupling run` stage."""
-    t = cfg.trainer
-    return build_trainer(cfg.device, t.accelerator, t.strategy, t.devices, t.num_nodes, callbacks=callbacks,
-                         default_root_dir=cfg.output_dir, **kwargs)

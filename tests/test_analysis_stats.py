@@ -10,18 +10,30 @@ from lit_coupling.analysis.options import AnalysisOptions
 from tests.analysis_synthetic import planted_pairs
 
 
-def test_rank_matches_scipy_including_ties():
+def test_rank_statistics_match_scipy_including_ties():
     rng = np.random.default_rng(0)
-    for values in (rng.normal(size=40), rng.integers(0, 4, size=50).astype(float), np.array([2.0, 2.0, 2.0])):
-        np.testing.assert_allclose(S.rank(values), sps.rankdata(values))
+    other = rng.normal(size=50)
+    for values in (rng.normal(size=50), rng.integers(0, 4, size=50).astype(float)):
+        assert S.spearman(values, other) == pytest.approx(
+            sps.pearsonr(sps.rankdata(values), sps.rankdata(other)).statistic
+        )
+        a, b = values[:20], values[20:]  # P(A > B) + ½ P(A = B), counted pair by pair
+        pairs = (a[:, None] > b[None, :]).mean() + 0.5 * (a[:, None] == b[None, :]).mean()
+        assert S.prob_superiority(a, b) == pytest.approx(pairs)
+        labels = np.arange(50) < 20
+        assert S.auroc(values, labels) == pytest.approx(pairs)
+    assert np.isnan(S.spearman(np.array([2.0, 2.0, 2.0]), other[:3]))
 
 
-def test_correlations_match_scipy_and_streamed_pearson_matches_pooled():
+def test_correlations_match_scipy_and_the_headline_pearson_is_the_pooled_one():
     x, y, edits = planted_pairs(0, rho=0.6)
     tests = S.correlation_tests(x, y)
     assert tests["spearman"]["value"] == pytest.approx(sps.spearmanr(x, y).statistic)
     assert tests["kendall"]["value"] == pytest.approx(sps.kendalltau(x, y).statistic)
-    assert S.pearson_by_cluster(x, y, edits) == pytest.approx(sps.pearsonr(x, y).statistic, abs=1e-12)
+    options = AnalysisOptions(bootstrap=0, permutations=0, ripple="delta_logp")
+    assert headline_for_pairs(x, y, edits, options, 0)["pearson"]["value"] == pytest.approx(
+        sps.pearsonr(x, y).statistic, abs=1e-12
+    )
     assert np.isnan(S.spearman(x, np.ones_like(y)))  # undefined, not an error
 
 
@@ -30,8 +42,7 @@ def test_interval_covers_the_planted_correlation():
     pairs of an edit are dependent. Population values: Pearson ρ, Spearman 6/π·asin(ρ/2), Kendall
     2/π·asin(ρ)."""
     rho, seeds = 0.5, 30
-    truth = {"pearson": rho, "spearman": 6 / np.pi * np.arcsin(rho / 2),
-             "kendall": 2 / np.pi * np.arcsin(rho)}
+    truth = {"pearson": rho, "spearman": 6 / np.pi * np.arcsin(rho / 2), "kendall": 2 / np.pi * np.arcsin(rho)}
     options = AnalysisOptions(bootstrap=200, permutations=0, ripple="delta_logp")
     covered = {name: 0 for name in truth}
     iid_covered = 0

@@ -71,13 +71,21 @@ def test_pair_table_reads_known_pieces_and_related_facts():
     from lit_coupling.data.piece import KnowledgePiece
 
     def piece(i, chain, subject, answer):
-        return KnowledgePiece(f"p{i}", chain, chain, "hop1", 1, f"prompt {i}", answer, subject,
-                              prompt_ids=[i + 1], answer_ids=[i + 50])
+        return KnowledgePiece(
+            f"p{i}", chain, chain, "hop1", 1, f"prompt {i}", answer, subject, prompt_ids=[i + 1], answer_ids=[i + 50]
+        )
 
-    pieces = [piece(0, "a", "Mira", "Paris"), piece(1, "a", "Paris", "France"), piece(2, "b", "Olo", "paris"),
-              piece(3, "c", "Zed", "Spain")]
-    scores = {"logp_before": [-1.0, -2.0, -3.0, -0.5], "logp_after": [-5.0, -2.5, -3.0, -0.4],
-              "tf_em_before": [True, True, False, True]}
+    pieces = [
+        piece(0, "a", "Mira", "Paris"),
+        piece(1, "a", "Paris", "France"),
+        piece(2, "b", "Olo", "paris"),
+        piece(3, "c", "Zed", "Spain"),
+    ]
+    scores = {
+        "logp_before": [-1.0, -2.0, -3.0, -0.5],
+        "logp_after": [-5.0, -2.5, -3.0, -0.4],
+        "tf_em_before": [True, True, False, True],
+    }
     ripple = {"experiments": [{"edit_id": 0, "source_index": 0, "status": "ok", "pieces": scores}]}
     table = build_pair_table(pieces, np.eye(4), ripple)
     assert table["related"].tolist() == [True, True, False]  # same chain; shared entity "Paris"; nothing shared

@@ -13,11 +13,17 @@ import pytest
 
 from lit_coupling.data.hotpotqa import HotpotDataError
 from lit_coupling.errors import SettingError, UserError
-from lit_coupling.run import parse_config
+from lit_coupling.pipeline.run import parse_config
 
-RECORD = {"_id": "r0", "question": "Where was Marie Curie born?", "answer": "Warsaw", "type": "bridge",
-          "level": "easy", "supporting_facts": [["Marie Curie", 0]],
-          "context": [["Marie Curie", ["Marie Curie was born in Warsaw."]]]}
+RECORD = {
+    "_id": "r0",
+    "question": "Where was Marie Curie born?",
+    "answer": "Warsaw",
+    "type": "bridge",
+    "level": "easy",
+    "supporting_facts": [["Marie Curie", 0]],
+    "context": [["Marie Curie", ["Marie Curie was born in Warsaw."]]],
+}
 
 
 def validated(*argv: str):
@@ -75,8 +81,17 @@ def test_a_bad_setting_is_refused_by_name(argv, words):
 
 def test_good_settings_pass():
     validated()
-    validated("--analysis.permutations", "20", "--analysis.bootstrap", "40", "--layers", "0-1,3",
-              "--memit.layers=-2--1", "--trainer.devices", "auto")
+    validated(
+        "--analysis.permutations",
+        "20",
+        "--analysis.bootstrap",
+        "40",
+        "--layers",
+        "0-1,3",
+        "--memit.layers=-2--1",
+        "--trainer.devices",
+        "auto",
+    )
 
 
 def test_no_gpu_refuses_cuda(monkeypatch):
@@ -91,7 +106,7 @@ def test_no_gpu_refuses_cuda(monkeypatch):
 
 def test_layer_ranges_do_not_wrap_around():
     from lit_coupling.models.adapters import AdapterError, parse_layers
-    from lit_coupling.preflight import check_layers
+    from lit_coupling.pipeline.preflight import check_layers
 
     assert parse_layers("2-3", 4) == [2, 3] and parse_layers("-2--1", 4) == [2, 3]
     for spec in ("4-5", "3-4", "-5-1"):
@@ -117,7 +132,7 @@ def test_a_bad_config_file_is_named(tmp_path):
 
 
 def test_output_dir_that_cannot_be_written(tmp_path):
-    from lit_coupling.preflight import check_output_dir
+    from lit_coupling.pipeline.preflight import check_output_dir
 
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -142,15 +157,22 @@ def with_(**changes):
     return record
 
 
-@pytest.mark.parametrize("records,words", [
-    ([with_(supporting_facts=[["Marie Curie", 10**30]])], ["record 0", "'r0'", "supporting_facts[0]", "sent_id"]),
-    ('[' + json.dumps(RECORD).replace('"Warsaw"', '"\\ud800Warsaw"', 1) + ']', ["record 0", "'answer'", "surrogate"]),
-    ("[" * 50000 + "]" * 50000, ["nested too deeply"]),
-    ([RECORD, with_(question="Another?")], ["record 1", "same _id as record 0"]),
-    ([with_(context="Marie Curie")], ["record 0", "'context'"]),
-], ids=["huge sent_id", "lone surrogate", "deep nesting", "duplicate _id", "mistyped field"])
+@pytest.mark.parametrize(
+    "records,words",
+    [
+        ([with_(supporting_facts=[["Marie Curie", 10**30]])], ["record 0", "'r0'", "supporting_facts[0]", "sent_id"]),
+        (
+            "[" + json.dumps(RECORD).replace('"Warsaw"', '"\\ud800Warsaw"', 1) + "]",
+            ["record 0", "'answer'", "surrogate"],
+        ),
+        ("[" * 50000 + "]" * 50000, ["nested too deeply"]),
+        ([RECORD, with_(question="Another?")], ["record 1", "same _id as record 0"]),
+        ([with_(context="Marie Curie")], ["record 0", "'context'"]),
+    ],
+    ids=["huge sent_id", "lone surrogate", "deep nesting", "duplicate _id", "mistyped field"],
+)
 def test_hotpot_records_that_would_break_later_are_refused_up_front(tmp_path, records, words):
-    from lit_coupling.preflight import check_hotpot_data
+    from lit_coupling.pipeline.preflight import check_hotpot_data
 
     path = write_records(tmp_path / "data.json", records)
     with pytest.raises(HotpotDataError) as error:
@@ -159,8 +181,8 @@ def test_hotpot_records_that_would_break_later_are_refused_up_front(tmp_path, re
 
 
 def test_a_directory_as_data_file(tmp_path):
-    from lit_coupling.manifest import data_identity
-    from lit_coupling.preflight import check_hotpot_data
+    from lit_coupling.pipeline.manifest import data_identity
+    from lit_coupling.pipeline.preflight import check_hotpot_data
 
     with pytest.raises(UserError, match="directory"):
         data_identity(str(tmp_path))
@@ -198,7 +220,7 @@ def test_nan_weights_are_blamed_on_the_checkpoint_not_bfloat16(tiny_model_dir, t
 
 def test_a_tokenizer_larger_than_the_embedding(tiny_model_dir, tmp_path):
     from lit_coupling.models.loading import ModelLoadError
-    from lit_coupling.preflight import check_model
+    from lit_coupling.pipeline.preflight import check_model
 
     model = tmp_path / "small"
     shutil.copytree(tiny_model_dir("gpt2"), model)
@@ -213,7 +235,7 @@ def test_a_tokenizer_larger_than_the_embedding(tiny_model_dir, tmp_path):
 def test_the_top_level_handler(monkeypatch, capsys, tmp_path):
     """A user error is a message (exit 2); a bug is a message naming the log that holds its traceback (exit 1)."""
     from lit_coupling import __main__ as entry
-    from lit_coupling import run as run_module
+    from lit_coupling.pipeline import run as run_module
 
     monkeypatch.setenv("LIT_COUPLING_CACHE", str(tmp_path))
 

@@ -36,8 +36,13 @@ def test_list_prints_the_families(capsys):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "lit_coupling", "check-model", *args], capture_output=True,
-                          text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "lit_coupling", "check-model", *args],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
 
 
 def test_empty_directory(tmp_path):
@@ -49,8 +54,9 @@ def test_empty_directory(tmp_path):
 def test_non_causal_model(tmp_path):
     from transformers import DistilBertConfig, DistilBertModel
 
-    DistilBertModel(DistilBertConfig(n_layers=1, dim=32, hidden_dim=64, n_heads=2, vocab_size=50)) \
-        .save_pretrained(tmp_path)
+    DistilBertModel(DistilBertConfig(n_layers=1, dim=32, hidden_dim=64, n_heads=2, vocab_size=50)).save_pretrained(
+        tmp_path
+    )
     result = _cli(str(tmp_path))
     assert result.returncode == 2
     assert "is not a causal language model" in result.stderr and "Traceback" not in result.stderr
@@ -62,12 +68,16 @@ def test_encoders_and_encoder_decoders_are_refused(kind, tmp_path):
     import transformers as T
 
     if kind == "bert":
-        T.BertModel(T.BertConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                                 vocab_size=50)).save_pretrained(tmp_path)
+        T.BertModel(
+            T.BertConfig(
+                num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=50
+            )
+        ).save_pretrained(tmp_path)
         expected = "it is BertModel (model_type 'bert'), an encoder"
     else:
-        T.T5ForConditionalGeneration(T.T5Config(num_layers=1, d_model=32, d_ff=64, num_heads=2, d_kv=16,
-                                                vocab_size=50)).save_pretrained(tmp_path)
+        T.T5ForConditionalGeneration(
+            T.T5Config(num_layers=1, d_model=32, d_ff=64, num_heads=2, d_kv=16, vocab_size=50)
+        ).save_pretrained(tmp_path)
         expected = "it is T5ForConditionalGeneration (model_type 't5'), an encoder–decoder"
     result = _cli(str(tmp_path))
     assert result.returncode == 2
@@ -81,8 +91,9 @@ def test_every_stage_refuses_an_encoder(tmp_path):
 
     from lit_coupling.models.loading import ModelLoadError, load_config, load_model
 
-    BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                         vocab_size=50)).save_pretrained(tmp_path)
+    BertModel(
+        BertConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=50)
+    ).save_pretrained(tmp_path)
     for load in (load_config, load_model):
         with pytest.raises(ModelLoadError, match=r"not a causal language model: it is BertModel"):
             load(str(tmp_path))
@@ -94,8 +105,14 @@ def test_model_without_an_mlp_output_projection(tmp_path):
     from lit_coupling.inject.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(["some text here"] * 5, vocab_size=270)
-    config = OlmoConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=16, num_attention_heads=2,
-                        vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    config = OlmoConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=16,
+        num_attention_heads=2,
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     result = _cli(str(tmp_path))

@@ -5,8 +5,9 @@ import pytest
 
 
 def lit(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "lit_coupling", *args], capture_output=True, text=True,
-                          timeout=180, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "lit_coupling", *args], capture_output=True, text=True, timeout=180, **kwargs
+    )
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["fit"], ["predict"], ["check-model"]])
@@ -18,8 +19,18 @@ def test_help(command):
 
 def test_run_help_shows_the_seed_flags():
     out = lit("run", "--help").stdout
-    for flag in ("--hotpot_data", "--model_path", "--max_samples", "--max_experiments", "--device",
-                 "--output_dir", "--stages", "--config", "--trainer.strategy", "--trainer.devices"):
+    for flag in (
+        "--hotpot_data",
+        "--model_path",
+        "--max_samples",
+        "--max_experiments",
+        "--device",
+        "--output_dir",
+        "--stages",
+        "--config",
+        "--trainer.strategy",
+        "--trainer.devices",
+    ):
         assert flag in out
 
 

@@ -3,8 +3,8 @@
 from lit_coupling.__main__ import main
 from lit_coupling.analysis.compare import COMPARISON_PLOT, COMPARISON_REPORT, consistency
 from lit_coupling.analysis.options import AnalysisOptions
-from lit_coupling.analysis.stage import analysis_stage
-from lit_coupling.run import RunConfig
+from lit_coupling.pipeline.run import RunConfig
+from lit_coupling.pipeline.stages import analysis_stage
 from tests.analysis_synthetic import write_synthetic_run
 
 
@@ -30,16 +30,16 @@ def test_compare_needs_two_runs(tmp_path, capsys):
 
 
 def _analysis(rho, ci, per_edit):
-    return {"headline": {"spearman": {"value": rho, "ci": ci}},
-            "per_edit": {"edits": [{"spearman": v} for v in per_edit]}}
+    return {
+        "headline": {"spearman": {"value": rho, "ci": ci}},
+        "per_edit": {"edits": [{"spearman": v} for v in per_edit]},
+    }
 
 
 def test_consistency_judgement():
-    agree = [_analysis(0.5, [0.3, 0.7], [0.4, 0.5, 0.6, 0.5]),
-             _analysis(0.45, [0.2, 0.6], [0.5, 0.4, 0.45, 0.5])]
+    agree = [_analysis(0.5, [0.3, 0.7], [0.4, 0.5, 0.6, 0.5]), _analysis(0.45, [0.2, 0.6], [0.5, 0.4, 0.45, 0.5])]
     assert consistency(agree, ["a", "b"], 0.05)["conclusion"] == "consistent"
-    opposite = [_analysis(0.5, [0.3, 0.7], [0.5, 0.6, 0.55, 0.4]),
-                _analysis(-0.4, [-0.6, -0.2], [-0.5, -0.3, -0.4])]
+    opposite = [_analysis(0.5, [0.3, 0.7], [0.5, 0.6, 0.55, 0.4]), _analysis(-0.4, [-0.6, -0.2], [-0.5, -0.3, -0.4])]
     assert consistency(opposite, ["a", "b"], 0.05)["conclusion"] == "inconsistent"
     unsure = [_analysis(0.5, [0.3, 0.7], [0.5, 0.6, 0.1]), _analysis(0.1, [-0.1, 0.3], [0.3, -0.1, 0.2])]
     verdict = consistency(unsure, ["a", "b"], 0.05)

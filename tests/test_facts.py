@@ -27,9 +27,9 @@ def test_a_world_gives_every_fact_in_every_template(small_world):
     assert {t.text() for t in texts} == want
     assert len(texts) == sum(len(RELATIONS[f["relation"]].templates) for f in truth["facts"])
     with_extras = fact_texts(pieces, truth, questions=True, bare=True)
-    assert {t.text() for t in with_extras} - want == \
-        {f"{f['subject']} {f['object']}." for f in truth["facts"]} | \
-        {f"{p.prompt} {p.answer}" for p in pieces if p.kind == "question"}
+    assert {t.text() for t in with_extras} - want == {f"{f['subject']} {f['object']}." for f in truth["facts"]} | {
+        f"{p.prompt} {p.answer}" for p in pieces if p.kind == "question"
+    }
 
 
 def test_a_hotpotqa_file_gives_its_source_sentences():
@@ -68,7 +68,7 @@ def test_examples_cover_every_text_behind_every_prefix(small_world):
     ids, span = data.examples[1]  # the first text behind "Fact:"
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(ids[1:-1]) == data.facts[0].text("Fact:")
-    assert tokenizer.decode(ids[span[0]:span[1] + 1]).strip() == data.facts[0].subject
+    assert tokenizer.decode(ids[span[0] : span[1] + 1]).strip() == data.facts[0].subject
     batch = next(iter(data.train_dataloader()))
     padding = batch["attention_mask"] == 0
     assert (batch["labels"][padding] == -100).all() and (batch["labels"][~padding] >= 0).all()
@@ -96,6 +96,9 @@ def test_the_locality_batch_runs_through_both_families(small_world, tiny_model_d
     for family in ("gpt2", "llama"):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(family))
         ids = batch["input_ids"].clamp(max=model.config.vocab_size - 1)
-        loss = model(input_ids=ids, attention_mask=batch["attention_mask"], labels=batch["labels"].clamp(
-            max=model.config.vocab_size - 1)).loss
+        loss = model(
+            input_ids=ids,
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"].clamp(max=model.config.vocab_size - 1),
+        ).loss
         assert torch.isfinite(loss)

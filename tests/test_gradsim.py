@@ -10,22 +10,27 @@ import torch
 from lit_coupling.data.datamodule import PiecesDataModule
 from lit_coupling.data.piece import load_pieces
 from lit_coupling.gradients.module import GradientModule
+from lit_coupling.gradients.options import GradSimOptions
+from lit_coupling.gradients.reduce import reduce_predict_job
 from lit_coupling.gradients.writer import GradSimWriter
 from lit_coupling.models.adapters import ModelAdapter
 from lit_coupling.models.loading import load_model
+from lit_coupling.models.options import ModelOptions
 from lit_coupling.scoring import answer_logprobs, collate_clozes, forward_logits, score_batch
 from lit_coupling.trainer import build_trainer
 from tests.tiny import save_tiny_model, write_pieces
 
 
-def gradsim(run_dir, model_dir, batch_size=3, writer_kwargs=None, logger=False, sort_by_length=True,
-            **module_kwargs):
-    """One predict job in this process; returns (coupling matrix, coupling_analysis.json)."""
-    module = GradientModule(model_path=str(model_dir), **module_kwargs)
-    writer = GradSimWriter(**(writer_kwargs or {}))
+def gradsim(run_dir, model_dir, batch_size=3, writer_kwargs=None, logger=False, sort_by_length=True, **module_kwargs):
+    """One predict job in this process, then the reduction, as the gradsim stage runs them; returns (coupling matrix,
+    coupling_analysis.json). `module_kwargs` are ModelOptions and GradSimOptions fields."""
+    model = {k: module_kwargs.pop(k) for k in list(module_kwargs) if k in ModelOptions.__dataclass_fields__}
+    module = GradientModule(ModelOptions(model_path=str(model_dir), **model), GradSimOptions(**module_kwargs))
+    writer = GradSimWriter(**{"output_dir": str(run_dir), **(writer_kwargs or {})})
     trainer = build_trainer(device="cpu", callbacks=[writer], enable_progress_bar=False, logger=logger)
     data = PiecesDataModule(str(run_dir), batch_size=batch_size, sort_by_length=sort_by_length)
     trainer.predict(module, datamodule=data, return_predictions=False)
+    reduce_predict_job(trainer, module, writer, data.pieces)
     return np.load(run_dir / "coupling_matrix.npy"), json.loads((run_dir / "coupling_analysis.json").read_text())
 
 
@@ -67,11 +72,12 @@ def truth(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("dtype,method,tolerance", [("float64", "ghost", 1e-10), ("float64", "gemm", 1e-10),
-                                                     ("float32", "auto", 1e-5)])
+@pytest.mark.parametrize(
+    "dtype,method,tolerance", [("float64", "ghost", 1e-10), ("float64", "gemm", 1e-10), ("float32", "auto", 1e-5)]
+)
 def test_exact_gradsim_matches_brute_force_autograd(truth, family, dtype, method, tolerance):
     model_dir, run, want = truth(family)
-    got, analysis = gradsim(run, model_dir, dtype=dtype, writer_kwargs={"method": method})
+    got, analysis = gradsim(run, model_dir, dtype=dtype, exact_method=method)
     assert got.dtype == (np.float64 if dtype == "float64" else np.float32)
     assert np.abs(got - want).max() <= tolerance
     assert analysis["model"]["family"] == family and analysis["model"]["dtype"] == dtype
@@ -79,8 +85,7 @@ def test_exact_gradsim_matches_brute_force_autograd(truth, family, dtype, method
     if method != "auto":
         assert {v["method"] for v in analysis["per_layer"].values()} == {method}
     if method == "ghost":  # the batch mates, padding, batch size and order (file, not length) change nothing
-        again, _ = gradsim(run, model_dir, batch_size=7, dtype=dtype, writer_kwargs={"method": method},
-                           sort_by_length=False)
+        again, _ = gradsim(run, model_dir, batch_size=7, dtype=dtype, exact_method=method, sort_by_length=False)
         assert np.abs(again - want).max() <= tolerance
 
 
@@ -133,8 +138,9 @@ def test_projected_error_shrinks_as_k_grows_and_full_rank_is_exact(truth):
     for k_in, k_out in [(2, 2), (8, 8), (32, 16)]:
         seed_errors = []
         for seed in range(3):
-            got, analysis = gradsim(run, model_dir, dtype="float64", mode="projected", k_in=k_in, k_out=k_out,
-                                    projection_seed=seed)
+            got, analysis = gradsim(
+                run, model_dir, dtype="float64", mode="projected", k_in=k_in, k_out=k_out, projection_seed=seed
+            )
             seed_errors.append(np.abs(got - want)[off].mean())
         errors.append(np.mean(seed_errors))
     assert errors[0] > errors[1] > errors[2], errors

@@ -35,9 +35,29 @@ def single(tiny_model_dir, tmp_path_factory):
 def test_two_processes_give_the_matrix_of_one(single, tmp_path, strategy, family):
     model_dir, pieces, want = single(family)
     (tmp_path / "knowledge_pieces.json").write_bytes(pieces.read_bytes())
-    out = run_cli(cli_command("run", "--stages", "gradsim", "--output_dir", tmp_path, "--model_path", model_dir,
-                              "--device", "cpu", "--dtype", "float32", "--gradsim.batch_size", 3,
-                              "--trainer.strategy", strategy, "--trainer.devices", 2), tmp_path, timeout=240)
+    out = run_cli(
+        cli_command(
+            "run",
+            "--stages",
+            "gradsim",
+            "--output_dir",
+            tmp_path,
+            "--model_path",
+            model_dir,
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--gradsim.batch_size",
+            3,
+            "--trainer.strategy",
+            strategy,
+            "--trainer.devices",
+            2,
+        ),
+        tmp_path,
+        timeout=240,
+    )
     got = np.load(tmp_path / "coupling_matrix.npy")
     assert np.abs(got - want).max() <= 1e-5
     assert "[gradsim]" in out and "20 pieces" in out
@@ -50,8 +70,22 @@ def test_two_processes_give_the_matrix_of_one(single, tmp_path, strategy, family
 def test_predict_cli_with_the_gradsim_config(single, tmp_path):
     model_dir, pieces, want = single("gpt2")
     (tmp_path / "knowledge_pieces.json").write_bytes(pieces.read_bytes())
-    run_cli(cli_command("predict", "--config", REPO / "configs/gradsim/tiny-gpt2.yaml", "--model.init_args.model_path",
-                        model_dir, "--data.init_args.pieces_path", tmp_path, "--trainer.default_root_dir", tmp_path,
-                        "--trainer.enable_progress_bar", "false"), tmp_path, timeout=240)
+    run_cli(
+        cli_command(
+            "predict",
+            "--config",
+            REPO / "configs/gradsim/tiny-gpt2.yaml",
+            "--model.init_args.model.model_path",
+            model_dir,
+            "--data.init_args.pieces_path",
+            tmp_path,
+            "--trainer.default_root_dir",
+            tmp_path,
+            "--trainer.enable_progress_bar",
+            "false",
+        ),
+        tmp_path,
+        timeout=240,
+    )
     assert np.abs(np.load(tmp_path / "coupling_matrix.npy") - want).max() <= 1e-5
     assert (tmp_path / "config.yaml").exists() and not (tmp_path / "gradsim_shards").exists()

@@ -1,5 +1,7 @@
 """The GradSim maths on small tensors: ghost and GEMM inner products, projection, cosines, blockwise reduction."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,16 +14,20 @@ from lit_coupling.gradients.cosine import (
     summarise,
 )
 from lit_coupling.gradients.inner import choose_method, gemm_inner, ghost_inner, piece_gradients
+from lit_coupling.gradients.options import GradSimOptions
 from lit_coupling.gradients.projection import kronecker_projection, project_gradients
-from lit_coupling.gradients.reduce import ReduceSettings, layer_gram, reduce_shards
+from lit_coupling.gradients.reduce import ReduceSettings, layer_gram, reduce_gradsim, reduce_shards
 from lit_coupling.gradients.shards import ShardSet, ShardWriter
 
 
 def packed(tokens, d_in=12, d_out=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     rows = int(sum(tokens))
-    return (torch.randn(rows, d_in, generator=g, dtype=torch.float64),
-            torch.randn(rows, d_out, generator=g, dtype=torch.float64), torch.tensor(tokens))
+    return (
+        torch.randn(rows, d_in, generator=g, dtype=torch.float64),
+        torch.randn(rows, d_out, generator=g, dtype=torch.float64),
+        torch.tensor(tokens),
+    )
 
 
 def explicit_gradients(x, d, tokens):
@@ -39,8 +45,9 @@ def test_ghost_and_gemm_match_explicit_gradients():
     want = torch.einsum("iok,jok->ij", g_a, g_b)
     assert torch.allclose(ghost_inner(x_a, d_a, t_a, x_b, d_b, t_b), want, atol=1e-12, rtol=0)
     assert torch.allclose(piece_gradients(x_a, d_a, t_a), g_a, atol=1e-12, rtol=0)
-    assert torch.allclose(gemm_inner(piece_gradients(x_a, d_a, t_a), piece_gradients(x_b, d_b, t_b)), want,
-                          atol=1e-12, rtol=0)
+    assert torch.allclose(
+        gemm_inner(piece_gradients(x_a, d_a, t_a), piece_gradients(x_b, d_b, t_b)), want, atol=1e-12, rtol=0
+    )
 
 
 def test_cost_model_prefers_ghost_for_short_prompts_and_gemm_for_long_ones():
@@ -79,8 +86,10 @@ def test_projection_masks_padding():
     mask = torch.tensor([[True] * 4 + [False] * 2])
     garbage = d.clone()
     garbage[:, 4:] = 1e6
-    assert torch.allclose(project_gradients(x, garbage, mask, p_in, p_out),
-                          project_gradients(x[:, :4], d[:, :4], mask[:, :4], p_in, p_out))
+    assert torch.allclose(
+        project_gradients(x, garbage, mask, p_in, p_out),
+        project_gradients(x[:, :4], d[:, :4], mask[:, :4], p_in, p_out),
+    )
 
 
 def test_zero_gradients_are_flagged_never_nan():
@@ -125,10 +134,17 @@ def write_fake_shards(shard_dir, tokens, assignment, layers=(0, 3), d_in=12, d_o
         writer = ShardWriter(shard_dir, rank, world, "token")
         for i in [i for i, r in enumerate(assignment) if r == rank]:
             rows = slice(offsets[i], offsets[i + 1])
-            writer.append({"index": torch.tensor([i]), "tokens": t[i:i + 1], "logp": torch.tensor([-float(i)]),
-                           "hidden": torch.full((1, 4), float(i)),
-                           "x": [x[rows] * (li + 1) for li in range(len(layers))],
-                           "d": [d[rows] for _ in layers]}, list(layers))
+            writer.append(
+                {
+                    "index": torch.tensor([i]),
+                    "tokens": t[i : i + 1],
+                    "logp": torch.tensor([-float(i)]),
+                    "hidden": torch.full((1, 4), float(i)),
+                    "x": [x[rows] * (li + 1) for li in range(len(layers))],
+                    "d": [d[rows] for _ in layers],
+                },
+                list(layers),
+            )
         writer.close(list(layers), 4)
     return x, d, t
 
@@ -142,13 +158,16 @@ def test_blockwise_reduction_over_ranks_matches_one_block(tmp_path, method):
     g = explicit_gradients(x, d, t)
     want = torch.einsum("iok,jok->ij", g, g).numpy()
     # a budget of a few hundred bytes forces many big blocks, row blocks and column chunks
-    tiny = ReduceSettings(method=method, memory_gb=600 / 2**30, block_tokens=4, column_tokens=5)
+    tiny = ReduceSettings(
+        GradSimOptions(exact_method=method, reduce_memory_gb=600 / 2**30), block_tokens=4, column_tokens=5
+    )
     got, how = layer_gram(shards, 0, tiny, torch.float64)
     order = np.argsort(shards.index)
     assert how["method"] == method
     assert np.allclose(got[np.ix_(order, order)], want, atol=1e-12, rtol=0)
-    doc = reduce_shards(shards, tmp_path, len(tokens), tiny, torch.float64, {"model": {}, "method": {}},
-                        chain_ids=list("aabbccdde"))
+    doc = reduce_shards(
+        shards, tmp_path, len(tokens), tiny, torch.float64, {"model": {}, "method": {}}, chain_ids=list("aabbccdde")
+    )
     inner = np.load(tmp_path / "coupling_layers.npz")["inner"]
     assert np.allclose(inner[0], want, atol=1e-12) and np.allclose(inner[1], 4 * want, atol=1e-11)
     cos = np.load(tmp_path / "coupling_matrix.npy")
@@ -157,6 +176,41 @@ def test_blockwise_reduction_over_ranks_matches_one_block(tmp_path, method):
     assert np.load(tmp_path / "piece_hidden.npy")[:, 0].tolist() == list(range(len(tokens)))
     assert np.load(tmp_path / "coupling_layers.npz")["logp"].tolist() == [-float(i) for i in range(len(tokens))]
     assert abs(doc["per_layer"]["0"]["gradient_norm_share"] - 0.2) < 1e-9
+
+
+@pytest.mark.parametrize("method,keep", [("ghost", False), ("gemm", True), ("auto", False)])
+def test_reduce_gradsim_gives_the_cosines_of_the_explicit_gradients(tmp_path, method, keep):
+    """The N×N reduction the gradsim stage calls after the predict job, on its own: random X and D split over three
+    ranks, against cosines of the explicit per-piece gradients summed over both layers (float64)."""
+    from types import SimpleNamespace
+
+    tokens = [2, 4, 1, 3, 5, 2, 1]
+    x, d, t = write_fake_shards(tmp_path / "shards", tokens, [0, 1, 2, 0, 1, 2, 0], seed=7)
+    g = explicit_gradients(x, d, t)
+    layer_inner = torch.einsum("iok,jok->ij", g, g)
+    total = layer_inner + 4 * layer_inner  # layer 3's shards hold 2·X: four times layer 0's inner products
+    want = (total / torch.outer(total.diagonal().sqrt(), total.diagonal().sqrt())).numpy()
+    pieces = [SimpleNamespace(id=f"p{i}", chain_id="ab"[i % 2]) for i in range(len(tokens))]
+    settings = ReduceSettings(
+        GradSimOptions(exact_method=method, keep_shards=keep, progress=False), block_tokens=3, column_tokens=4
+    )
+    analysis, files = reduce_gradsim(
+        ShardSet(tmp_path / "shards", 3, "token"),
+        tmp_path,
+        settings,
+        torch.float64,
+        {"model": {}, "method": {"mode": "exact"}},
+        pieces,
+    )
+    assert np.allclose(np.load(tmp_path / "coupling_matrix.npy"), want, atol=1e-12, rtol=0)
+    assert sorted(Path(f).name for f in files) == sorted(
+        ["coupling_matrix.npy", "coupling_layers.npz", "piece_hidden.npy", "coupling_analysis.json"]
+    )
+    assert all(Path(f).exists() for f in files)
+    assert analysis["pieces"]["count"] == len(tokens) and analysis["zero_gradient_pieces"] == []
+    off = ~np.eye(len(tokens), dtype=bool)
+    assert analysis["summary"]["mean"] == pytest.approx(want[off].mean(), abs=1e-12)
+    assert (tmp_path / "shards").exists() == keep
 
 
 def test_reduction_refuses_missing_pieces(tmp_path):

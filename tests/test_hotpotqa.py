@@ -15,23 +15,36 @@ from lit_coupling.data.hotpotqa import (
 from lit_coupling.data.pieces import extract_pieces
 
 RECORD = {
-    "_id": "r1", "question": "Where was the author of Hamlet born?", "answer": "Stratford-upon-Avon",
+    "_id": "r1",
+    "question": "Where was the author of Hamlet born?",
+    "answer": "Stratford-upon-Avon",
     "supporting_facts": [["Hamlet", 0], ["William Shakespeare", 1]],
-    "context": [["Hamlet", ["Hamlet is a tragedy written by William Shakespeare."]],
-                ["William Shakespeare", ["William Shakespeare was an English playwright.",
-                                         " He was born in Stratford-upon-Avon in 1564."]]],
-    "type": "bridge", "level": "easy",
+    "context": [
+        ["Hamlet", ["Hamlet is a tragedy written by William Shakespeare."]],
+        [
+            "William Shakespeare",
+            ["William Shakespeare was an English playwright.", " He was born in Stratford-upon-Avon in 1564."],
+        ],
+    ],
+    "type": "bridge",
+    "level": "easy",
 }
 
 
 def hub_schema(record: dict) -> dict:
     """The reshaped schema of the `datasets` hub copy."""
-    return {"id": record["_id"], "question": record["question"], "answer": record["answer"],
-            "type": record["type"], "level": record["level"],
-            "supporting_facts": {"title": [t for t, _ in record["supporting_facts"]],
-                                 "sent_id": [i for _, i in record["supporting_facts"]]},
-            "context": {"title": [t for t, _ in record["context"]],
-                        "sentences": [s for _, s in record["context"]]}}
+    return {
+        "id": record["_id"],
+        "question": record["question"],
+        "answer": record["answer"],
+        "type": record["type"],
+        "level": record["level"],
+        "supporting_facts": {
+            "title": [t for t, _ in record["supporting_facts"]],
+            "sent_id": [i for _, i in record["supporting_facts"]],
+        },
+        "context": {"title": [t for t, _ in record["context"]], "sentences": [s for _, s in record["context"]]},
+    }
 
 
 def write(path, text: str | bytes):
@@ -48,8 +61,9 @@ def test_the_three_layouts_read_the_same(tmp_path):
     assert [source_kind(d) for d in datasets] == ["hotpotqa-json", "hotpotqa-jsonl", "hotpotqa-hub"]
     assert all(type(d).__name__ == "Dataset" for d in datasets)
     assert datasets[0].to_list() == datasets[1].to_list() == datasets[2].to_list()
-    assert [p.to_dict() for p in extract_pieces(datasets[0]).pieces] == \
-           [p.to_dict() for p in extract_pieces(datasets[2]).pieces]
+    assert [p.to_dict() for p in extract_pieces(datasets[0]).pieces] == [
+        p.to_dict() for p in extract_pieces(datasets[2]).pieces
+    ]
 
 
 def test_max_samples_takes_the_first_records(tmp_path):
@@ -112,7 +126,7 @@ def test_a_utf8_byte_order_mark_is_fine(tmp_path):
 
 
 def test_nothing_is_written_when_reading_fails(tmp_path):
-    from lit_coupling.data.stage import build_pieces
+    from lit_coupling.data.build import build_pieces
 
     bad = write(tmp_path / "bad.json", "[{")
     with pytest.raises(HotpotDataError):
@@ -128,8 +142,10 @@ def test_normalize_record_keeps_dangling_supporting_facts():
 def test_context_paragraphs_are_distinct_paragraph_texts(tmp_path):
     path = write(tmp_path / "a.json", json.dumps([RECORD, dict(RECORD, _id="r2")]))
     paragraphs = context_paragraphs(read_hotpotqa(path))
-    assert paragraphs == ["Hamlet is a tragedy written by William Shakespeare.",
-                          "William Shakespeare was an English playwright. He was born in Stratford-upon-Avon in 1564."]
+    assert paragraphs == [
+        "Hamlet is a tragedy written by William Shakespeare.",
+        "William Shakespeare was an English playwright. He was born in Stratford-upon-Avon in 1564.",
+    ]
 
 
 def test_named_sources(tmp_path, monkeypatch):

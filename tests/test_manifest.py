@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from lit_coupling import run as run_module
 from lit_coupling.errors import UserError
 from lit_coupling.outputs import write_json
+from lit_coupling.pipeline import run as run_module
 
 CALLS: list[str] = []
 
@@ -17,17 +17,21 @@ def _stage(name):
         CALLS.append(name)
         path = write_json(out / f"{name}.json", {"stage": name, "seed": cfg.seed})
         return run_module.StageResult([str(path)], f"{name} ok")
+
     return stage
 
 
 pieces_stage, gradsim_stage, ripple_stage, analysis_stage, report_stage = (
-    _stage(n) for n in ("pieces", "gradsim", "ripple", "analysis", "report"))
+    _stage(n) for n in ("pieces", "gradsim", "ripple", "analysis", "report")
+)
 
 
 def use_fake_stages(monkeypatch):
-    monkeypatch.setattr(run_module, "STAGES", {n: f"tests.test_manifest:{n}_stage" for n in run_module.STAGE_ORDER})
+    # Looked up when called, so a test can stand another function in for one of them.
+    stages = {n: (lambda cfg, out, n=n: globals()[f"{n}_stage"](cfg, out)) for n in run_module.STAGE_ORDER}
+    monkeypatch.setattr(run_module, "STAGES", stages)
     # The stand-in stages open neither data nor model: nothing for the pre-flight checks to open either.
-    monkeypatch.setattr("lit_coupling.preflight.check_inputs", lambda cfg, stages: None)
+    monkeypatch.setattr("lit_coupling.pipeline.preflight.check_inputs", lambda cfg, stages: None)
 
 
 @pytest.fixture
@@ -41,8 +45,15 @@ def config(tmp_path, **overrides):
     if not model.exists():
         model.mkdir()
         (model / "config.json").write_text("{}")
-    return run_module.parse_config(["--model_path", str(model), "--output_dir", str(tmp_path / "run"),
-                                    *[x for k, v in overrides.items() for x in (f"--{k}", str(v))]])
+    return run_module.parse_config(
+        [
+            "--model_path",
+            str(model),
+            "--output_dir",
+            str(tmp_path / "run"),
+            *[x for k, v in overrides.items() for x in (f"--{k}", str(v))],
+        ]
+    )
 
 
 def test_finished_stages_are_kept_and_changed_inputs_recompute_downstream(tmp_path, fake_stages):
@@ -71,8 +82,9 @@ def test_a_killed_stage_is_rerun(tmp_path, fake_stages, monkeypatch):
     def killed(cfg, out):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_module, "load_stage",
-                        lambda name: killed if name == "ripple" else globals()[f"{name}_stage"])
+    monkeypatch.setattr(
+        run_module, "load_stage", lambda name: killed if name == "ripple" else globals()[f"{name}_stage"]
+    )
     with pytest.raises(KeyboardInterrupt):
         run_module.run(config(tmp_path))
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
@@ -110,10 +122,11 @@ def test_later_stages_on_a_finished_run_need_neither_model_nor_model_path(tmp_pa
     def no_model(model_path):
         raise AssertionError("the model was resolved")
 
-    monkeypatch.setattr("lit_coupling.manifest.model_identity", no_model)
+    monkeypatch.setattr("lit_coupling.pipeline.manifest.model_identity", no_model)
     CALLS.clear()
-    cfg = run_module.parse_config(["--stages", "analysis,report", "--output_dir", str(tmp_path / "run"),
-                                   "--analysis.bootstrap", "200"])
+    cfg = run_module.parse_config(
+        ["--stages", "analysis,report", "--output_dir", str(tmp_path / "run"), "--analysis.bootstrap", "200"]
+    )
     run_module.run(cfg)
     assert cfg.model_path == str(tmp_path / "model")  # taken from the run's manifest
     assert CALLS == ["analysis", "report"]

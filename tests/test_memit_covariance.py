@@ -42,9 +42,7 @@ def test_second_moment_of_the_mlp_output_inputs_over_exactly_n_tokens(setup, tmp
     # direct: run every window alone, take the first `tokens` keys in reading order
     keys = {0: [], 2: []}
     handles = [
-        adapter.target(layer).module.register_forward_pre_hook(
-            lambda m, a, layer=layer: keys[layer].append(a[0][0])
-        )
+        adapter.target(layer).module.register_forward_pre_hook(lambda m, a, layer=layer: keys[layer].append(a[0][0]))
         for layer in (0, 2)
     ]
     with torch.no_grad():
@@ -57,18 +55,14 @@ def test_second_moment_of_the_mlp_output_inputs_over_exactly_n_tokens(setup, tmp
         k = torch.cat(keys[layer])[:tokens].double()
         assert metas[layer]["tokens"] == tokens
         assert torch.allclose(covs[layer].double(), k.T @ k / tokens, rtol=1e-4, atol=1e-6)
-        assert metas[layer]["mean_fourth_power"] == pytest.approx(
-            float((k.pow(2).sum(1) ** 2).mean()), rel=1e-6
-        )
+        assert metas[layer]["mean_fourth_power"] == pytest.approx(float((k.pow(2).sum(1) ** 2).mean()), rel=1e-6)
 
 
 def test_statistics_are_cached_by_model_layer_corpus_and_count(setup, tmp_path):
     adapter, tok = setup
     first, meta = key_covariances(adapter, tok, [1], corpus(), 300, tmp_path, "m", progress=False)
     assert not meta[1]["cached"]
-    again, meta = key_covariances(
-        adapter, tok, [1], corpus(), 300, tmp_path, "m", progress=False, compute=False
-    )
+    again, meta = key_covariances(adapter, tok, [1], corpus(), 300, tmp_path, "m", progress=False, compute=False)
     assert meta[1]["cached"] and torch.equal(first[1], again[1])
     with pytest.raises(FileNotFoundError):  # another token count is another entry
         key_covariances(adapter, tok, [1], corpus(), 301, tmp_path, "m", compute=False)
@@ -90,8 +84,19 @@ def test_an_interrupted_computation_resumes_where_it_stopped(setup, tmp_path):
     adapter, tok = setup
 
     def covariances(folder: str, **extra):
-        return key_covariances(adapter, tok, [0, 1], corpus(), 800, tmp_path / folder, "m", max_length=16,
-                               batch_size=4, progress=False, **extra)
+        return key_covariances(
+            adapter,
+            tok,
+            [0, 1],
+            corpus(),
+            800,
+            tmp_path / folder,
+            "m",
+            max_length=16,
+            batch_size=4,
+            progress=False,
+            **extra,
+        )
 
     whole, _ = covariances("a")
     calls = {"n": 0}
@@ -145,8 +150,9 @@ def test_texts_are_counted_beside_tokens(setup, tmp_path):
     from lit_coupling.editing.covariance import texts_read
 
     adapter, tok = setup
-    _, metas = key_covariances(adapter, tok, [0], corpus(), 200, tmp_path, "m", max_length=16, batch_size=4,
-                               progress=False)
+    _, metas = key_covariances(
+        adapter, tok, [0], corpus(), 200, tmp_path, "m", max_length=16, batch_size=4, progress=False
+    )
     lengths = [len(tok(d, add_special_tokens=False)["input_ids"]) for d in DOCS]
     expected = next(i + 1 for i in range(len(DOCS)) if sum(lengths[: i + 1]) >= 200)
     assert metas[0]["texts"] == expected

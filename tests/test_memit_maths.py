@@ -173,9 +173,7 @@ def test_fact_tokens_read_keys_where_they_say(family, tokenizers):
         return tok.decode(ids[len(bos) : index + 1])
 
     seen_inputs = {}
-    handle = adapter.target(0).module.register_forward_pre_hook(
-        lambda m, a: seen_inputs.setdefault("x", a[0])
-    )
+    handle = adapter.target(0).module.register_forward_pre_hook(lambda m, a: seen_inputs.setdefault("x", a[0]))
     for fact_token in ("subject_last", "subject_first", "subject_first_after_last"):
         prompts = request_prompts(tok, request, ["", prefix], bos, fact_token)
         for context, p in zip(["", prefix], prompts):
@@ -237,9 +235,7 @@ def test_counterfactuals_are_seeded_of_the_same_kind_and_never_true():
     again = plan_requests(pieces, 50, seed=3)
     assert [r.to_dict() for r in again.requests] == [r.to_dict() for r in plan.requests]
     first3 = plan_requests(pieces, 3, seed=3).requests
-    assert [r.to_dict() for r in first3] == [
-        r.to_dict() for r in plan.requests[:3]
-    ]  # a prefix of the larger plan
+    assert [r.to_dict() for r in first3] == [r.to_dict() for r in plan.requests[:3]]  # a prefix of the larger plan
     other_seed = plan_requests(pieces, 50, seed=4).requests
     assert [r.source_index for r in other_seed] != [r.source_index for r in plan.requests]
 
@@ -259,9 +255,7 @@ def test_counterfactuals_keep_the_relation_when_other_pieces_share_it():
     for seed in range(5):
         for r in plan_requests(pieces, 10, seed).requests:
             authors = r.target_true in ("Ann", "Bob", "Cyd")
-            assert (
-                r.target_new in ("Ann", "Bob", "Cyd")
-            ) == authors  # an author for an author, a city for a city
+            assert (r.target_new in ("Ann", "Bob", "Cyd")) == authors  # an author for an author, a city for a city
 
 
 def test_shipped_hyperparameters():
@@ -307,9 +301,7 @@ def test_auto_hparams_pick_by_shape_and_scale_lambda_with_key_dimension():
     assert select_hparams("gpt2", 1600, 48, 6400).source.startswith("published")
     small = select_hparams("gpt2", 768, 12, 3072)
     assert small.layers == [3, 4] and small.mom2_update_weight == pytest.approx(20000 * 3072 / 6400)
-    odd = select_hparams(
-        "mistral", 64, 4, 128, family="mistral"
-    )  # no set of its own: derived from LLaMA-2-7B
+    odd = select_hparams("mistral", 64, 4, 128, family="mistral")  # no set of its own: derived from LLaMA-2-7B
     assert odd.source.startswith("derived from llama-2-7b") and odd.mom2_update_weight == pytest.approx(
         15000 * 128 / 11008, abs=0.1
     )

@@ -66,8 +66,19 @@ def setting(request, tmp_path_factory):
     naive = naive_memit(naive_adapter, prompts, kl, hp, covariances)
     naive_s = time.perf_counter() - start
     print(f"\n{request.param}: one edit, fast {fast_s:.3f} s, naive {naive_s:.3f} s ({naive_s / fast_s:.1f}x)")
-    yield dict(model=model, adapter=adapter, pad=pad, hp=hp, prompts=prompts, kl=kl, fast=fast, naive=naive,
-               fast_adapter=fast_adapter, naive_adapter=naive_adapter, before=before)
+    yield dict(
+        model=model,
+        adapter=adapter,
+        pad=pad,
+        hp=hp,
+        prompts=prompts,
+        kl=kl,
+        fast=fast,
+        naive=naive,
+        fast_adapter=fast_adapter,
+        naive_adapter=naive_adapter,
+        before=before,
+    )
     torch.set_num_threads(threads)
 
 
@@ -104,5 +115,6 @@ def test_updates(setting):
         fast_delta = s["fast_adapter"].target(layer).weight().detach() - s["before"][layer]
         assert s["naive"].deltas[layer].norm() > 0
         assert relative(fast_delta, s["naive"].deltas[layer]) <= TOLERANCE, layer
-        assert relative(s["fast_adapter"].target(layer).weight(), s["naive_adapter"].target(layer).weight()) \
-            <= TOLERANCE
+        assert (
+            relative(s["fast_adapter"].target(layer).weight(), s["naive_adapter"].target(layer).weight()) <= TOLERANCE
+        )

@@ -12,18 +12,21 @@ import pytest
 import torch
 import yaml
 
+from lit_coupling.data.datamodule import EditRequestDataModule
 from lit_coupling.data.piece import load_pieces
 from lit_coupling.editing import memit as memit_module
 from lit_coupling.editing.callbacks import RippleWriter
 from lit_coupling.editing.covariance import key_covariances, resolve_corpus, shrink
 from lit_coupling.editing.hparams import MemitHparams
 from lit_coupling.editing.memit import CovarianceSolver, apply_memit, generate_prefixes
-from lit_coupling.editing.module import EditRequestDataModule, MemitModule
+from lit_coupling.editing.module import MemitModule
+from lit_coupling.editing.options import MemitOptions
 from lit_coupling.editing.requests import plan_requests
 from lit_coupling.editing.ripple import build_probes, score_pieces
 from lit_coupling.editing.snapshot import restored_after, state_checksum
 from lit_coupling.models.adapters import ModelAdapter
 from lit_coupling.models.loading import load_model
+from lit_coupling.models.options import ModelOptions
 from lit_coupling.outputs import EDIT_UPDATES, RIPPLE, RIPPLE_PAIRS
 from lit_coupling.scoring import generated_exact_match, greedy_continuations
 from lit_coupling.trainer import build_trainer
@@ -71,10 +74,12 @@ def fresh_run(world, name: str) -> Path:
 
 
 def module_and_data(world, out: Path, **kwargs):
-    module = MemitModule(
-        model_path=str(world["model"]), memit=str(world["hparams"]), stats_dir=str(world["stats"]), **kwargs
+    """The ripple stage's module and data; `kwargs` are MemitOptions fields."""
+    memit = MemitOptions(hparams=str(world["hparams"]), stats_dir=str(world["stats"]), **kwargs)
+    module = MemitModule(ModelOptions(model_path=str(world["model"])), memit)
+    data = EditRequestDataModule(
+        str(out / "knowledge_pieces.json"), max_experiments=EDITS, seed=0, batch_size_edits=memit.batch_size_edits
     )
-    data = EditRequestDataModule(str(out / "knowledge_pieces.json"), max_experiments=EDITS, seed=0)
     return module, data
 
 
@@ -124,9 +129,7 @@ def test_edits_take_on_a_model_that_knows_the_facts(world):
 
     def generated(request) -> bool:
         probes = build_probes(tok, request, pieces, bos)
-        out = greedy_continuations(
-            model, [probes.items[1][0]], len(probes.items[1][1]) + 2, pad, tok.eos_token_id
-        )
+        out = greedy_continuations(model, [probes.items[1][0]], len(probes.items[1][1]) + 2, pad, tok.eos_token_id)
         return generated_exact_match(tok, out[0], request.target_new)
 
     weights = {layer: adapter.target(layer).module.weight for layer in hp.layers}
@@ -187,7 +190,8 @@ def test_the_experiment_loop_leaves_every_weight_as_it_was_and_writes_the_ripple
     assert baseline["n_known"] == sum(fresh.gen_em) and doc["requests"]["known"] <= doc["requests"]["sources"]
     for e in doc["experiments"]:
         assert baseline["known"][e["source_index"]] and e["efficacy"]["known_before"]
-        assert e["answer_type"] == "country" or e["answer_type"] == "relation"  # cities: the shared relation
+        # cities: typed by the lexicon of cities (data/answer_types.py) or by the shared relation
+        assert e["answer_type"] == "country" or e["answer_type"] == "relation" or e["answer_type"] == "city"
     with open(out / RIPPLE_PAIRS) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == EDITS * n
@@ -232,8 +236,8 @@ def test_an_edit_that_fails_half_way_leaves_every_weight_as_it_was(world, monkey
 @pytest.fixture(scope="module")
 def single_process_run(world):
     """The ripple stage of `lit-coupling run`, in this process."""
-    from lit_coupling.editing.stage import ripple_stage
-    from lit_coupling.run import RunConfig
+    from lit_coupling.pipeline.run import RunConfig
+    from lit_coupling.pipeline.stages import ripple_stage
 
     out = fresh_run(world, "single")
     cfg = RunConfig(model_path=str(world["model"]), max_experiments=EDITS, device="cpu", output_dir=str(out))
@@ -269,11 +273,9 @@ def test_lightning_cli_predict_with_a_shipped_config(world, single_process_run, 
     out = fresh_run(world, "cli")
     config["trainer"].update(accelerator="cpu", enable_progress_bar=False, default_root_dir=str(tmp_path))
     config["trainer"]["callbacks"][0]["init_args"]["output_dir"] = str(out)
-    config["model"]["init_args"].update(
-        model_path=str(world["model"]),
-        stats_dir=str(world["stats"]),
-        memit={**config["model"]["init_args"]["memit"], **WORLD_HPARAMS},
-    )
+    init = config["model"]["init_args"]
+    init["model"].update(model_path=str(world["model"]))
+    init["memit"].update(stats_dir=str(world["stats"]), hparams={**init["memit"]["hparams"], **WORLD_HPARAMS})
     config["data"]["init_args"].update(pieces_path=str(out / "knowledge_pieces.json"), max_experiments=EDITS)
     path = tmp_path / "memit.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -349,3 +351,42 @@ def test_greedy_match_from_the_teacher_forced_pass_equals_decoding_every_piece(w
     assert fast.gen_em == slow
     assert 0 < sum(slow) < len(slow)  # both outcomes are exercised
     assert all(r == 0 for r, tf in zip(fast.rank, fast.tf_em) if tf)
+
+
+def test_traced_layers_are_chosen_on_unedited_known_facts_and_recorded(world):
+    """`--memit.layers traced`: the band is the best window of the recorded per-layer effects, the trace ran on
+    known facts none of which is edited, the edits use that band, and the weights come back."""
+    from lit_coupling.editing.tracing import TRACE_FACTS, TraceFact, best_band, mlp_indirect_effects
+
+    out = fresh_run(world, "traced")
+    module, data = module_and_data(world, out, layers="traced")
+    build_trainer(device="cpu", callbacks=[RippleWriter(str(out))], enable_progress_bar=False).predict(
+        module, datamodule=data, return_predictions=False
+    )
+    assert state_checksum(module.lm) == reference_checksum(world)
+    doc = json.loads((out / RIPPLE).read_text())
+    choice = doc["layer_choice"]
+    pieces, meta = load_pieces(out)
+    by_id = {p.id: p for p in pieces}
+    edited = {e["source_piece"] for e in doc["experiments"]}
+    traced = choice["facts_traced"]
+    assert 0 < len(traced) <= TRACE_FACTS and not edited & set(traced)
+    known = dict(zip(doc["piece_ids"], doc["baseline"]["known"]))
+    assert all(known[i] and by_id[i].is_single_hop for i in traced)
+    assert choice["scaled_layers"] == [0, 1] and choice["width"] == 2 and choice["facts"] >= 3
+    band, means = best_band(choice["indirect_effect"], 2)
+    assert choice["layers"] == band and doc["hparams"]["layers"] == band and choice["window_means"] == means
+    assert "chosen by causal tracing" in doc["hparams"]["source"]
+    assert all(e["status"] == "ok" for e in doc["experiments"])
+    # The record is the trace: recomputed on the recorded facts, the same effects.
+    loaded = load_model(str(world["model"]), dtype="float32", device="cpu")
+    again = mlp_indirect_effects(
+        ModelAdapter(loaded.model),
+        loaded.tokenizer,
+        [TraceFact(i, by_id[i].prompt, by_id[i].subject, by_id[i].answer) for i in traced],
+        meta["tokenizer"]["bos_ids"],
+        meta["tokenizer"]["pad_id"],
+        fact_token=WORLD_HPARAMS.get("fact_token", "subject_last"),
+        seed=0,
+    )
+    assert again["effects"] == pytest.approx(choice["indirect_effect"], abs=1e-6)

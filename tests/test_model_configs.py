@@ -6,15 +6,20 @@ from pathlib import Path
 import pytest
 
 from lit_coupling.editing.hparams import select_hparams
-from lit_coupling.run import parse_config
+from lit_coupling.pipeline.run import parse_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 
 # (model_type, d_model, layers, MLP width) of the real models: the shape `auto` selects by.
-SHAPES = {"gpt2": ("gpt2", 768, 12, 3072), "gpt2-medium": ("gpt2", 1024, 24, 4096),
-          "gpt2-large": ("gpt2", 1280, 36, 5120), "gpt2-xl": ("gpt2", 1600, 48, 6400),
-          "llama-2-7b": ("llama", 4096, 32, 11008), "llama-2-13b": ("llama", 5120, 40, 13824),
-          "llama-2-70b": ("llama", 8192, 80, 28672)}
+SHAPES = {
+    "gpt2": ("gpt2", 768, 12, 3072),
+    "gpt2-medium": ("gpt2", 1024, 24, 4096),
+    "gpt2-large": ("gpt2", 1280, 36, 5120),
+    "gpt2-xl": ("gpt2", 1600, 48, 6400),
+    "llama-2-7b": ("llama", 4096, 32, 11008),
+    "llama-2-13b": ("llama", 5120, 40, 13824),
+    "llama-2-70b": ("llama", 8192, 80, 28672),
+}
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))

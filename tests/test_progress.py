@@ -27,7 +27,9 @@ def test_a_resumed_count_starts_where_it_stopped_and_every_line_is_printed_when_
     progress.update(30)
     progress.update(30)
     assert [line.split(" (")[0] for line in log.getvalue().splitlines()] == [
-        "key covariance: 70/100 tok", "key covariance: 100/100 tok"]
+        "key covariance: 70/100 tok",
+        "key covariance: 100/100 tok",
+    ]
 
 
 def test_a_terminal_gets_a_bar_and_a_disabled_progress_prints_nothing():

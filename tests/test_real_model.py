@@ -14,18 +14,31 @@ from lit_coupling.models.loading import load_model, resolve_model_path
 from tests.tiny import CLI_ENV, TEXTS
 
 # llama.cpp's tensor names for a LLaMA block (convert_hf_to_gguf.py); q and k are stored permuted for its RoPE.
-GGUF_BLOCK_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                    "mlp.down_proj": "ffn_down"}
-GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-              "lm_head.weight": "output.weight"}
+GGUF_BLOCK_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 
 def _permute_for_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
     """What llama.cpp's converter does to q/k rows (transformers undoes it when it reads the file)."""
-    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def write_tiny_llama_gguf(path: Path, tied: bool):
@@ -37,10 +50,19 @@ def write_tiny_llama_gguf(path: Path, tied: bool):
 
     tok = train_bpe_tokenizer(TEXTS, vocab_size=300)
     torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=tied,
-                         max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id)
+    config = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        tie_word_embeddings=tied,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     model = LlamaForCausalLM(config).eval()
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny llama")
@@ -118,8 +140,13 @@ def test_bfloat16_run_dtype(tmp_path):
 
 
 def test_missing_gguf_file_is_a_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lit_coupling", "check-model", str(tmp_path / "nope.gguf")],
-                            capture_output=True, text=True, env=CLI_ENV, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "lit_coupling", "check-model", str(tmp_path / "nope.gguf")],
+        capture_output=True,
+        text=True,
+        env=CLI_ENV,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "nope.gguf does not exist" in result.stderr and "Traceback" not in result.stderr
 
@@ -141,8 +168,11 @@ def test_missing_package_says_how_to_install_it(monkeypatch):
 
 @pytest.mark.slow
 def test_smollm2_completes_facts_it_knows(smollm2):
-    facts = {"The capital of France is": " Paris", "The mother tongue of Danielle Darrieux is": " French",
-             "Apple was founded by Steve": " Jobs"}
+    facts = {
+        "The capital of France is": " Paris",
+        "The mother tongue of Danielle Darrieux is": " French",
+        "Apple was founded by Steve": " Jobs",
+    }
     tok = smollm2.tokenizer
     batch = tok(list(facts), return_tensors="pt", padding=True)  # right padding: read each prompt's last token
     with torch.no_grad():
@@ -153,3 +183,46 @@ def test_smollm2_completes_facts_it_knows(smollm2):
     assert smollm2.model.config.num_hidden_layers == 30 and smollm2.model.config.hidden_size == 576
     assert sum(p.numel() for p in smollm2.model.parameters()) == pytest.approx(134.5e6, rel=1e-3)
 
+
+@pytest.mark.slow
+def test_smollm2_rescoring_from_the_first_edited_block_equals_a_full_forward(smollm2):
+    """On the real model: after an edit of its MEMIT band (a seeded rank-one change to layers 4-8's down_proj),
+    scoring from the states kept below layer 4 gives the whole model's scores and greedy texts."""
+    from lit_coupling.editing.hparams import resolve_hparams
+    from lit_coupling.editing.ripple import score_clozes
+    from lit_coupling.models.adapters import ModelAdapter, bos_ids
+    from lit_coupling.scoring import encode_cloze, prefix_reuse
+
+    model, tok = smollm2.model, smollm2.tokenizer
+    adapter = ModelAdapter(model)
+    layers = resolve_hparams("auto", adapter).layers
+    bos = bos_ids(model.config, tok)
+    facts = [
+        ("The capital of France is", "Paris"),
+        ("The mother tongue of Danielle Darrieux is", "French"),
+        ("Apple was founded by Steve", "Jobs"),
+        ("The Eiffel Tower is located in the city of", "Paris"),
+        ("Toyota is a car company from", "Japan"),
+        ("The author of Hamlet is William", "Shakespeare"),
+    ]
+    items = [encode_cloze(tok, p, a, bos) for p, a in facts]
+    answers = [a for _, a in facts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    reuse = prefix_reuse(model, adapter, min(layers))
+    score_clozes(model, tok, items, answers, 3, pad, reuse=reuse)
+    generator = torch.Generator().manual_seed(0)
+    saved = {layer: adapter.target(layer).module.weight.detach().clone() for layer in layers}
+    try:
+        for layer in layers:
+            w = adapter.target(layer).weight()
+            u, v = torch.randn(w.shape[0], 1, generator=generator), torch.randn(w.shape[1], 1, generator=generator)
+            adapter.target(layer).add_((u @ v.T) * (0.5 * w.norm() / (u.norm() * v.norm())))
+        got, got_texts = score_clozes(model, tok, items, answers, 3, pad, generate="all", reuse=reuse)
+        want, want_texts = score_clozes(model, tok, items, answers, 3, pad, generate="all")
+    finally:
+        with torch.no_grad():
+            for layer, weight in saved.items():
+                adapter.target(layer).module.weight.copy_(weight)
+    assert reuse.usable and reuse.reruns >= 2
+    assert max(abs(a - b) for a, b in zip(got.logp, want.logp)) < 1e-3
+    assert got.tf_em == want.tf_em and got.gen_em == want.gen_em and got_texts == want_texts

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lit_coupling import manifest as M
-from lit_coupling import run as run_module
 from lit_coupling.errors import UserError
+from lit_coupling.pipeline import manifest as M
+from lit_coupling.pipeline import run as run_module
 from tests.test_manifest import CALLS, config, use_fake_stages
 
 ALL = ["pieces", "gradsim", "ripple", "analysis", "report"]
@@ -29,8 +29,11 @@ def finished(tmp_path, monkeypatch, capsys) -> Path:
 
 
 def snapshot(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_the_manifest_records_size_and_hash(finished):
@@ -67,8 +70,10 @@ def test_a_redone_stage_with_new_content_redoes_what_reads_it(finished, tmp_path
     monkeypatch.setattr(stand_ins, "pieces_stage", new_pieces)
     run_module.run(config(tmp_path))
     assert CALLS == ALL
-    assert "[gradsim] redoing this stage: an earlier stage it reads (pieces) now has different output" in \
-        capsys.readouterr().out
+    assert (
+        "[gradsim] redoing this stage: an earlier stage it reads (pieces) now has different output"
+        in capsys.readouterr().out
+    )
 
 
 def test_a_damaged_manifest_is_named_with_the_way_out_and_left_alone(finished, tmp_path):
@@ -101,10 +106,13 @@ def failing(name: str, after: str | None = None):
 
     def load(stage):
         if stage == name:
+
             def fail(cfg, out):
                 raise UserError(f"{name} failed")
+
             return fail
         return getattr(stand_ins, f"{stage}_stage")
+
     return load
 
 
@@ -122,7 +130,7 @@ def test_overwrite_refused_by_a_check_touches_nothing(finished, tmp_path, monkey
     def bad_data(cfg, stages):
         raise UserError("bad data")
 
-    monkeypatch.setattr("lit_coupling.preflight.check_inputs", bad_data)
+    monkeypatch.setattr("lit_coupling.pipeline.preflight.check_inputs", bad_data)
     with pytest.raises(UserError, match="bad data"):
         run_module.run(config(tmp_path, overwrite="true"))
     assert snapshot(finished) == before

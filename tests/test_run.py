@@ -32,8 +32,22 @@ from tests.tiny import CLI_ENV, cli_command, run_cli
 
 def seed_command(world: Path, model: Path, out: Path, *extra: str) -> list[str]:
     """The seed's usage, word for word but for the paths."""
-    return cli_command("run", "--hotpot_data", world, "--model_path", model, "--max_samples", "20",
-                       "--max_experiments", "2", "--device", "cpu", "--output_dir", out, *extra)
+    return cli_command(
+        "run",
+        "--hotpot_data",
+        world,
+        "--model_path",
+        model,
+        "--max_samples",
+        "20",
+        "--max_experiments",
+        "2",
+        "--device",
+        "cpu",
+        "--output_dir",
+        out,
+        *extra,
+    )
 
 
 # The tiny models here are untrained: they know none of the facts, and edit sources are drawn from known facts
@@ -75,8 +89,9 @@ def read_json(path: Path):
 
 
 def test_seed_command_with_a_local_tiny_gpt2_writes_the_eight_files(reference_run):
-    assert all((reference_run / name).is_file() for name in MAIN_OUTPUTS), sorted(p.name for p in
-                                                                               reference_run.iterdir())
+    assert all((reference_run / name).is_file() for name in MAIN_OUTPUTS), sorted(
+        p.name for p in reference_run.iterdir()
+    )
     ripple = json.loads((reference_run / RIPPLE).read_text())
     assert len(ripple["experiments"]) == 2
     matrix = np.load(reference_run / COUPLING_MATRIX)
@@ -99,11 +114,14 @@ def test_seed_command_with_a_local_tiny_llama(world, tiny_model_dir, tmp_path):
     assert analysis["model"]["family"] == "llama"
 
 
-def test_ddp_with_two_processes_gives_the_same_matrix_and_ripple_table(world, tiny_model_dir, reference_run,
-                                                                       tmp_path):
+def test_ddp_with_two_processes_gives_the_same_matrix_and_ripple_table(world, tiny_model_dir, reference_run, tmp_path):
     out = tmp_path / "ddp"
-    run_cli(seed_command(world, tiny_model_dir("gpt2"), out, *EDIT_UNKNOWN, "--trainer.strategy", "ddp",
-                         "--trainer.devices", "2"), tmp_path)
+    run_cli(
+        seed_command(
+            world, tiny_model_dir("gpt2"), out, *EDIT_UNKNOWN, "--trainer.strategy", "ddp", "--trainer.devices", "2"
+        ),
+        tmp_path,
+    )
     assert all((out / name).is_file() for name in MAIN_OUTPUTS)
     np.testing.assert_allclose(np.load(out / COUPLING_MATRIX), np.load(reference_run / COUPLING_MATRIX), atol=1e-5)
     one, two = pd.read_csv(reference_run / RIPPLE_PAIRS), pd.read_csv(out / RIPPLE_PAIRS)
@@ -115,12 +133,14 @@ def test_ddp_with_two_processes_gives_the_same_matrix_and_ripple_table(world, ti
     pd.testing.assert_frame_equal(one.drop(columns=numeric), two.drop(columns=numeric))
 
 
-def test_a_run_killed_during_ripple_resumes_to_the_outputs_of_an_uninterrupted_run(world, tiny_model_dir,
-                                                                                  reference_run, tmp_path):
+def test_a_run_killed_during_ripple_resumes_to_the_outputs_of_an_uninterrupted_run(
+    world, tiny_model_dir, reference_run, tmp_path
+):
     out = tmp_path / "quick_test"
     command = seed_command(world, tiny_model_dir("gpt2"), out, *EDIT_UNKNOWN)
-    proc = subprocess.Popen(command, cwd=tmp_path, env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     manifest = out / MANIFEST
     deadline = time.monotonic() + 300
     try:

@@ -3,8 +3,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lit_coupling.inject.tokenizer import train_bpe_tokenizer
-from lit_coupling.scoring import (ClozeTokenError, answer_logprobs, cloze_text, collate_clozes, encode_cloze,
-                                  generated_exact_match, greedy_continuations, normalize_answer, score_batch)
+from lit_coupling.scoring import (
+    ClozeTokenError,
+    answer_logprobs,
+    cloze_text,
+    collate_clozes,
+    encode_cloze,
+    generated_exact_match,
+    greedy_continuations,
+    normalize_answer,
+    score_batch,
+)
 from tests.tiny import TEXTS, tiny_config
 
 
@@ -45,9 +54,11 @@ def test_bad_clozes_are_refused(tok):
 
 
 def test_answer_logprob_is_the_sum_over_every_answer_token(tok, model):
-    items = [encode_cloze(tok, "The capital of France is", "Paris"),
-             encode_cloze(tok, "Arthur's Magazine was started in", "1844 and more"),
-             encode_cloze(tok, "Warsaw is the capital of", "Poland")]
+    items = [
+        encode_cloze(tok, "The capital of France is", "Paris"),
+        encode_cloze(tok, "Arthur's Magazine was started in", "1844 and more"),
+        encode_cloze(tok, "Warsaw is the capital of", "Poland"),
+    ]
     batch = collate_clozes(items, tok.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -76,7 +87,9 @@ def test_teacher_forced_and_generated_exact_match_agree_on_a_learnt_fact(tok):
     for _ in range(60):
         logits = model(input_ids=batch["input_ids"]).logits
         loss = -answer_logprobs(logits, batch["input_ids"], batch["answer_mask"]).sum()
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     model.eval()
     assert score_batch(model, batch)["tf_em"].item()
     generated = greedy_continuations(model, [p], max_new_tokens=len(a), pad_id=tok.pad_token_id)[0]
@@ -98,9 +111,11 @@ def test_cached_scores_and_greedy_continuation_equal_brute_force(tok, family):
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok))).eval()
     assert supports_cached_scoring(model)
-    items = [encode_cloze(tok, "The capital of France is", "Paris"),
-             encode_cloze(tok, "Arthur's Magazine was started in the year", "1844 and more"),
-             encode_cloze(tok, "Warsaw is", "the capital of Poland")]
+    items = [
+        encode_cloze(tok, "The capital of France is", "Paris"),
+        encode_cloze(tok, "Arthur's Magazine was started in the year", "1844 and more"),
+        encode_cloze(tok, "Warsaw is", "the capital of Poland"),
+    ]
     cached = CachedScores(model, items, tok.pad_token_id)
     batch = collate_clozes(items, tok.pad_token_id)
     assert torch.allclose(cached.logp, score_batch(model, batch)["logp"], atol=1e-5)
@@ -119,3 +134,89 @@ def test_cached_scores_and_greedy_continuation_equal_brute_force(tok, family):
         context = list(p) + list(a[: keep[row]]) + [first[row]]
         want = greedy_continuations(model, [context], 3, tok.pad_token_id)[0]
         assert got[row] == [first[row]] + want
+
+
+def _reuse_items(tok):
+    clozes = [
+        ("The capital of France is", "Paris"),
+        ("Arthur's Magazine was started in the year", "1844 and more"),
+        ("Warsaw is", "the capital of Poland"),
+        ("Marie Curie was born in", "Warsaw"),
+        ("The Eiffel Tower stands in", "Paris"),
+        ("First for Women is a", "magazine"),
+        ("The capital of", "France is Paris"),
+        ("Marie Curie was", "born in Warsaw"),
+    ]
+    return [encode_cloze(tok, p, a) for p, a in clozes], [a for _, a in clozes]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("start", [0, 2])
+def test_rescoring_from_the_first_edited_block_equals_a_full_forward(tok, family, start):
+    """PrefixReuse: after an edit of blocks `start`.. (random changes to their MLP output weights), re-scoring
+    from the kept states below `start` gives what scoring with the whole model gives (log P, EM, ranks, greedy
+    texts decoded on from the split KV cache), and it really ran from block `start`."""
+    from lit_coupling.editing.ripple import score_clozes
+    from lit_coupling.models.adapters import ModelAdapter
+    from lit_coupling.scoring import prefix_reuse
+
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok), layers=4)).eval()
+    adapter = ModelAdapter(model)
+    items, answers = _reuse_items(tok)
+    reuse = prefix_reuse(model, adapter, start)
+    assert reuse is not None
+    pad = tok.pad_token_id
+    before, before_texts = score_clozes(model, tok, items, answers, 3, pad, generate="all", reuse=reuse)
+    full_before, full_texts = score_clozes(model, tok, items, answers, 3, pad, generate="all")
+    assert reuse.usable and reuse.reruns == 0
+    assert before.tf_em == full_before.tf_em and before_texts == full_texts
+    torch.manual_seed(3)
+    for round_ in range(2):  # two edits in turn, the weights restored in between
+        saved = {}
+        with torch.no_grad():
+            for layer in range(start, 4):
+                weight = adapter.target(layer).module.weight
+                saved[layer] = weight.clone()
+                weight.add_(torch.randn_like(weight) * weight.std() * 3)
+        after, texts = score_clozes(model, tok, items, answers, 3, pad, generate="all", reuse=reuse)
+        assert reuse.reruns == 3 * (round_ + 1)  # every batch re-run from block `start`, none whole
+        want, want_texts = score_clozes(model, tok, items, answers, 3, pad, generate="all")
+        assert max(abs(a - b) for a, b in zip(after.logp, want.logp)) < 1e-4
+        assert after.tf_em == want.tf_em and after.gen_em == want.gen_em and after.rank == want.rank
+        assert texts == want_texts
+        assert max(abs(a - b) for a, b in zip(after.logp, before.logp)) > 1e-3  # the edit did change scores
+        with torch.no_grad():
+            for layer, weight in saved.items():
+                adapter.target(layer).module.weight.copy_(weight)
+
+
+def test_rescoring_takes_the_states_again_when_a_lower_block_changes(tok):
+    """Kept states below the first edited block are dropped when a weight there changes (its version counter)."""
+    from lit_coupling.editing.ripple import score_clozes
+    from lit_coupling.models.adapters import ModelAdapter
+    from lit_coupling.scoring import prefix_reuse
+
+    torch.manual_seed(4)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tok), layers=4)).eval()
+    adapter = ModelAdapter(model)
+    items, answers = _reuse_items(tok)
+    reuse = prefix_reuse(model, adapter, 2)
+    score_clozes(model, tok, items, answers, 4, tok.pad_token_id, reuse=reuse)
+    with torch.no_grad():
+        adapter.target(0).module.weight.mul_(3.0)
+    got, _ = score_clozes(model, tok, items, answers, 4, tok.pad_token_id, reuse=reuse)
+    want, _ = score_clozes(model, tok, items, answers, 4, tok.pad_token_id)
+    assert reuse.reruns == 0
+    assert max(abs(a - b) for a, b in zip(got.logp, want.logp)) < 1e-5
+
+
+def test_padded_batches_cut_by_length():
+    from lit_coupling.scoring import padded_batches
+
+    lengths = [5, 40, 6, 41, 5, 39, 7, 42]
+    batches = padded_batches(lengths, 128, overhead=10)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert [sorted(lengths[i] for i in b) for b in batches] == [[5, 5, 6, 7], [39, 40, 41, 42]]
+    assert all(len(b) <= 3 for b in padded_batches(lengths, 3))
+    assert padded_batches([], 4) == []

@@ -8,8 +8,8 @@ import yaml
 
 from lit_coupling import loggers, outputs
 from lit_coupling.analysis.options import AnalysisOptions
-from lit_coupling.analysis.stage import analysis_stage, report_stage
-from lit_coupling.run import RunConfig
+from lit_coupling.pipeline.run import RunConfig
+from lit_coupling.pipeline.stages import analysis_stage, report_stage
 from tests.analysis_synthetic import write_synthetic_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,8 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def analysed_run(directory: Path, logger: str) -> RunConfig:
     write_synthetic_run(directory, n_chains=5, n_edits=5)
-    cfg = RunConfig(output_dir=str(directory), logger=logger,
-                    analysis=AnalysisOptions(bootstrap=50, permutations=50))
+    cfg = RunConfig(output_dir=str(directory), logger=logger, analysis=AnalysisOptions(bootstrap=50, permutations=50))
     analysis_stage(cfg, directory)
     return cfg
 
@@ -44,8 +43,13 @@ def test_wandb_offline_run_directory_holds_tables_images_and_artefacts(tmp_path,
     images = {p.name.rsplit("_", 2)[0] for p in (media / "images").glob("*.png")}
     assert images == {"coupling_heatmap", "comprehensive_analysis", "coupling_by_layer", "predictor_ranking"}
     log = next(run_dir.glob("*.wandb")).read_bytes()  # hyperparameters, metrics and artefact manifests
-    for needle in (b"headline/spearman/value", b"analysis", b"final_mvp_report.md", b"coupling_matrix.npy",
-                   b"verdict_text"):
+    for needle in (
+        b"headline/spearman/value",
+        b"analysis",
+        b"final_mvp_report.md",
+        b"coupling_matrix.npy",
+        b"verdict_text",
+    ):
         assert needle in log, needle
 
 
@@ -75,28 +79,42 @@ def test_wandb_is_offline_without_an_api_key_and_the_env_wins(tmp_path, monkeypa
         loggers.build_logger("tensorboard", tmp_path, "x")
 
 
-@pytest.mark.parametrize("fragment, expected", [("wandb.yaml", "WandbLogger"), ("csv.yaml", "CSVLogger"),
-                                                ("no_logger.yaml", None)])
+@pytest.mark.parametrize(
+    "fragment, expected", [("wandb.yaml", "WandbLogger"), ("csv.yaml", "CSVLogger"), ("no_logger.yaml", None)]
+)
 def test_callback_fragments_build_the_logger_for_lightning_cli(fragment, expected, tmp_path, monkeypatch):
     from lightning.pytorch import LightningDataModule, LightningModule
 
     from lit_coupling.cli import LitCouplingCLI
 
     monkeypatch.setattr("sys.argv", ["lit-coupling"])  # the CLI reads only `args`, not pytest's own arguments
-    cli = LitCouplingCLI(LightningModule, LightningDataModule, subclass_mode_model=True,
-                         subclass_mode_data=True, run=False, save_config_callback=None, args=[
-                             "--model", "lit_coupling.models.module.CausalLMModule",
-                             "--data", "lit_coupling.data.datamodule.PiecesDataModule",
-                             "--data.pieces_path", str(tmp_path / "pieces.json"),
-                             "--config", str(ROOT / "callbacks" / fragment),
-                             "--trainer.default_root_dir", str(tmp_path)])
+    cli = LitCouplingCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        save_config_callback=None,
+        args=[
+            "--model",
+            "lit_coupling.models.module.CausalLMModule",
+            "--data",
+            "lit_coupling.data.datamodule.PiecesDataModule",
+            "--data.pieces_path",
+            str(tmp_path / "pieces.json"),
+            "--config",
+            str(ROOT / "callbacks" / fragment),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
+    )
     logger = cli.trainer.logger
     assert (type(logger).__name__ if logger else None) == expected
 
 
 @pytest.mark.parametrize("kind", ["wandb", "csv", "none"])
 def test_run_logger_configs_set_the_logger(kind):
-    from lit_coupling.run import parse_config
+    from lit_coupling.pipeline.run import parse_config
 
     assert yaml.safe_load((ROOT / "configs" / "logger" / f"{kind}.yaml").read_text()) == {"logger": kind}
     assert parse_config(["--config", str(ROOT / "configs" / "logger" / f"{kind}.yaml")]).logger == kind

@@ -52,8 +52,9 @@ def test_relations_entities_and_templates():
         assert all(t.rstrip(".").endswith("{o}") and "{s}" in t for t in relation.templates)
         # Relation first, subject last, one word between subject and object: MEMIT edits the tiny models at that
         # word (the token after the subject), which has seen both relation and subject.
-        assert all(not t.startswith("{s}") and len(t.split("{s}")[1].split("{o}")[0].split()) == 1
-                   for t in relation.templates)
+        assert all(
+            not t.startswith("{s}") and len(t.split("{s}")[1].split("{o}")[0].split()) == 1 for t in relation.templates
+        )
     world = generate_world(WorldSpec(chains=200))
     types = Counter(e.type for e in world.entities.values())
     assert {"person", "city", "company", "university", "work", "country"} <= set(types)

@@ -10,8 +10,14 @@ from pathlib import Path
 import torch
 
 # `python -m lit_coupling` in a child process: offline, no W&B, one thread each (tests run several at once).
-CLI_ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+CLI_ENV = {
+    **os.environ,
+    "WANDB_MODE": "disabled",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+}
 
 
 def cli_command(*args) -> list[str]:
@@ -24,9 +30,14 @@ def run_cli(command: list[str], cwd: Path, timeout: int = 600) -> str:
     assert proc.returncode == 0, f"{' '.join(command)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
 
+
 TEXTS = [
-    "The capital of France is Paris.", "Marie Curie was born in Warsaw.", "The Eiffel Tower stands in Paris.",
-    "Warsaw is the capital of Poland.", "Arthur's Magazine was started in 1844.", "First for Women is a magazine.",
+    "The capital of France is Paris.",
+    "Marie Curie was born in Warsaw.",
+    "The Eiffel Tower stands in Paris.",
+    "Warsaw is the capital of Poland.",
+    "Arthur's Magazine was started in 1844.",
+    "First for Women is a magazine.",
 ] * 20
 
 
@@ -42,8 +53,9 @@ def tiny_config(family: str, vocab_size: int, layers: int = 2, width: int = 32, 
         "qwen2": lambda: T.Qwen2Config(**gated),
         "gemma": lambda: T.GemmaConfig(**gated, head_dim=width // 2),
         "gpt_neox": lambda: T.GPTNeoXConfig(**common, intermediate_size=2 * width),
-        "gptj": lambda: T.GPTJConfig(n_layer=layers, n_embd=width, n_head=2, vocab_size=vocab_size, rotary_dim=8,
-                                     n_positions=128),
+        "gptj": lambda: T.GPTJConfig(
+            n_layer=layers, n_embd=width, n_head=2, vocab_size=vocab_size, rotary_dim=8, n_positions=128
+        ),
         "opt": lambda: T.OPTConfig(**common, ffn_dim=2 * width, word_embed_proj_dim=width),
         "falcon": lambda: T.FalconConfig(**common),
         "phi": lambda: T.PhiConfig(**common, intermediate_size=2 * width),
@@ -55,8 +67,9 @@ def tiny_config(family: str, vocab_size: int, layers: int = 2, width: int = 32, 
     return config
 
 
-def save_tiny_model(directory: Path, family: str, style: str | None = None, seed: int = 0, dtype=torch.float32,
-                    **overrides) -> Path:
+def save_tiny_model(
+    directory: Path, family: str, style: str | None = None, seed: int = 0, dtype=torch.float32, **overrides
+) -> Path:
     """Build a random tiny model of `family`, train a small BPE tokenizer, save both with save_pretrained."""
     from transformers import AutoModelForCausalLM
 
@@ -77,11 +90,16 @@ def save_tiny_model(directory: Path, family: str, style: str | None = None, seed
 
 # Clozes over the tokenizer's training texts: several pieces per "chain", answers of one or more tokens.
 CLOZES = [
-    ("c0", "The capital of France is", "Paris"), ("c0", "The Eiffel Tower stands in", "Paris"),
-    ("c1", "Marie Curie was born in", "Warsaw"), ("c1", "Warsaw is the capital of", "Poland"),
-    ("c2", "Arthur's Magazine was started in", "1844"), ("c2", "First for Women is a", "magazine"),
-    ("c3", "The capital of", "France is Paris"), ("c3", "Marie Curie was", "born in Warsaw"),
-    ("c4", "The Eiffel", "Tower"), ("c4", "Arthur's", "Magazine was started"),
+    ("c0", "The capital of France is", "Paris"),
+    ("c0", "The Eiffel Tower stands in", "Paris"),
+    ("c1", "Marie Curie was born in", "Warsaw"),
+    ("c1", "Warsaw is the capital of", "Poland"),
+    ("c2", "Arthur's Magazine was started in", "1844"),
+    ("c2", "First for Women is a", "magazine"),
+    ("c3", "The capital of", "France is Paris"),
+    ("c3", "Marie Curie was", "born in Warsaw"),
+    ("c4", "The Eiffel", "Tower"),
+    ("c4", "Arthur's", "Magazine was started"),
 ]
 
 
@@ -101,13 +119,32 @@ def write_pieces(directory: Path, model_dir: Path, clozes=CLOZES, repeat: int = 
     for r in range(repeat):
         for i, (chain, prompt, answer) in enumerate(clozes):
             prompt_ids, answer_ids = encode_cloze(tokenizer, prompt, answer, bos)
-            pieces.append(KnowledgePiece(id=f"{chain}-{r}/{i}", hotpot_id=f"{chain}-{r}", chain_id=f"{chain}-{r}",
-                                         kind="hop1", hop=1, prompt=prompt, answer=answer, subject=prompt.split()[0],
-                                         prompt_ids=prompt_ids, answer_ids=answer_ids).to_dict())
+            pieces.append(
+                KnowledgePiece(
+                    id=f"{chain}-{r}/{i}",
+                    hotpot_id=f"{chain}-{r}",
+                    chain_id=f"{chain}-{r}",
+                    kind="hop1",
+                    hop=1,
+                    prompt=prompt,
+                    answer=answer,
+                    subject=prompt.split()[0],
+                    prompt_ids=prompt_ids,
+                    answer_ids=answer_ids,
+                ).to_dict()
+            )
     directory = Path(directory)
-    write_json(directory / PIECES, {
-        "format": PIECES_FORMAT, "model": {"name": str(model_dir)},
-        "tokenizer": {"name_or_path": str(model_dir), "pad_id": pad_id, "bos_ids": bos},
-        "source": {"kind": "hand-made test clozes"}, "seed": 0,
-        "counts": {"pieces": len(pieces)}, "skipped": {}, "pieces": pieces})
+    write_json(
+        directory / PIECES,
+        {
+            "format": PIECES_FORMAT,
+            "model": {"name": str(model_dir)},
+            "tokenizer": {"name_or_path": str(model_dir), "pad_id": pad_id, "bos_ids": bos},
+            "source": {"kind": "hand-made test clozes"},
+            "seed": 0,
+            "counts": {"pieces": len(pieces)},
+            "skipped": {},
+            "pieces": pieces,
+        },
+    )
     return directory / PIECES

@@ -6,7 +6,6 @@ GradSim–ripple correlation per model with intervals, and whether the relation 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +34,11 @@ class ComparedRun:
     ripple: np.ndarray  # the run's headline ripple over its (edit, piece) pairs
 
     def as_plot_entry(self) -> dict:
-        return {"label": self.label, "coupling": self.coupling, "ripple": self.ripple,
-                "analysis": self.analysis}
+        return {"label": self.label, "coupling": self.coupling, "ripple": self.ripple, "analysis": self.analysis}
 
 
 def load_compared(directory: str | Path, options: AnalysisOptions, seed: int) -> ComparedRun:
-    from lit_coupling.analysis.stage import analyse_run
+    from lit_coupling.analysis.analyse import analyse_run
 
     run = load_run(directory)
     pairs = pair_table(run)
@@ -55,8 +53,15 @@ def load_compared(directory: str | Path, options: AnalysisOptions, seed: int) ->
     context = describe_run(run)
     # A local model directory is named by its path: its last part labels it well enough.
     label = Path(context["model_name"]).name or context["model_name"]
-    return ComparedRun(label, run.directory, context, analysis, computed,
-                       run.coupling[upper], pairs.loc[usable, metric].to_numpy(float))
+    return ComparedRun(
+        label,
+        run.directory,
+        context,
+        analysis,
+        computed,
+        run.coupling[upper],
+        pairs.loc[usable, metric].to_numpy(float),
+    )
 
 
 def consistency(analyses: list[dict], labels: list[str], alpha: float) -> dict:
@@ -66,10 +71,19 @@ def consistency(analyses: list[dict], labels: list[str], alpha: float) -> dict:
     for label, analysis in zip(labels, analyses):
         spearman = analysis.get("headline", {}).get("spearman") or {}
         ci = spearman.get("ci") or [None, None]
-        rows.append({"label": label, "rho": spearman.get("value"), "ci": ci,
-                     "excludes_zero": ci[0] is not None and (ci[0] > 0 or ci[1] < 0),
-                     "per_edit": [e["spearman"] for e in analysis.get("per_edit", {}).get("edits", [])
-                                  if e.get("spearman") is not None]})
+        rows.append(
+            {
+                "label": label,
+                "rho": spearman.get("value"),
+                "ci": ci,
+                "excludes_zero": ci[0] is not None and (ci[0] > 0 or ci[1] < 0),
+                "per_edit": [
+                    e["spearman"]
+                    for e in analysis.get("per_edit", {}).get("edits", [])
+                    if e.get("spearman") is not None
+                ],
+            }
+        )
     defined = [r for r in rows if r["rho"] is not None]
     signs = {int(np.sign(r["rho"])) for r in defined}
     significant_signs = {int(np.sign(r["rho"])) for r in defined if r["excludes_zero"]}
@@ -85,32 +99,55 @@ def consistency(analyses: list[dict], labels: list[str], alpha: float) -> dict:
         text = "Fewer than two runs have a defined correlation: nothing to compare."
     elif len(significant_signs) > 1 or (heterogeneity is not None and heterogeneity < alpha):
         conclusion = "inconsistent"
-        text = ("The relation differs between models: " + ("significant correlations of opposite sign"
-                if len(significant_signs) > 1 else f"the per-edit correlations differ (Kruskal–Wallis p = "
-                f"{p_value(heterogeneity)})") + ".")
+        text = (
+            "The relation differs between models: "
+            + (
+                "significant correlations of opposite sign"
+                if len(significant_signs) > 1
+                else f"the per-edit correlations differ (Kruskal–Wallis p = {p_value(heterogeneity)})"
+            )
+            + "."
+        )
     elif len(signs) == 1 and all(r["excludes_zero"] for r in defined):
         conclusion = "consistent"
         direction = "positive" if signs == {1} else "negative"
-        text = (f"Every model shows a {direction} GradSim–ripple correlation whose interval excludes 0"
-                + (f", and the per-edit correlations do not differ detectably (Kruskal–Wallis p = "
-                   f"{p_value(heterogeneity)})" if heterogeneity is not None else "") + ".")
+        text = (
+            f"Every model shows a {direction} GradSim–ripple correlation whose interval excludes 0"
+            + (
+                f", and the per-edit correlations do not differ detectably (Kruskal–Wallis p = "
+                f"{p_value(heterogeneity)})"
+                if heterogeneity is not None
+                else ""
+            )
+            + "."
+        )
     elif not significant_signs:
         conclusion = "no relation shown"
         text = "No model shows a GradSim–ripple correlation whose interval excludes 0."
     elif len(signs) == 1:
         conclusion = "same direction"
-        text = ("Same direction in every model, but not every interval excludes 0: "
-                + ", ".join(r["label"] for r in defined if not r["excludes_zero"]) + " cannot confirm it.")
+        text = (
+            "Same direction in every model, but not every interval excludes 0: "
+            + ", ".join(r["label"] for r in defined if not r["excludes_zero"])
+            + " cannot confirm it."
+        )
     else:
         conclusion = "undecided"
         text = "The point estimates differ in sign but none of the differences is significant."
     rhos = [r["rho"] for r in defined]
     if rhos:
-        text += (f" Spearman ρ ranges from {min(rhos):.2f} to {max(rhos):.2f}; the intervals "
-                 f"{'overlap' if overlap else 'do not all overlap'}.")
+        text += (
+            f" Spearman ρ ranges from {min(rhos):.2f} to {max(rhos):.2f}; the intervals "
+            f"{'overlap' if overlap else 'do not all overlap'}."
+        )
     runs = [{k: v for k, v in r.items() if k != "per_edit"} for r in rows]
-    return {"conclusion": conclusion, "text": text, "heterogeneity_p": heterogeneity,
-            "intervals_overlap": overlap, "runs": runs}
+    return {
+        "conclusion": conclusion,
+        "text": text,
+        "heterogeneity_p": heterogeneity,
+        "intervals_overlap": overlap,
+        "runs": runs,
+    }
 
 
 def render_comparison(runs: list[ComparedRun], verdict: dict) -> str:
@@ -119,30 +156,65 @@ def render_comparison(runs: list[ComparedRun], verdict: dict) -> str:
         c, a = run.context, run.analysis
         h = a.get("headline", {})
         counts = a.get("counts", {})
-        cell = {name: f"{fmt((h.get(name) or {}).get('value'))} {interval((h.get(name) or {}).get('ci'))}"
-                for name in ("spearman", "pearson", "kendall")}
-        rows.append([run.label, fmt(c.get("family")), size_text(c.get("parameters")).split(" (")[0],
-                     fmt(c.get("pieces")), fmt(counts.get("edits")), fmt(counts.get("pairs")),
-                     f"{np.median(run.coupling):.3f}",
-                     f"{np.median(run.ripple):.3g}" if len(run.ripple) else "n/a",
-                     cell["spearman"], cell["pearson"], cell["kendall"],
-                     p_value(((a.get("all_pairs") or h).get("permutation") or {}).get("p")),
-                     a.get("verdict", {}).get("conclusion", "n/a")])
+        cell = {
+            name: f"{fmt((h.get(name) or {}).get('value'))} {interval((h.get(name) or {}).get('ci'))}"
+            for name in ("spearman", "pearson", "kendall")
+        }
+        rows.append(
+            [
+                run.label,
+                fmt(c.get("family")),
+                size_text(c.get("parameters")).split(" (")[0],
+                fmt(c.get("pieces")),
+                fmt(counts.get("edits")),
+                fmt(counts.get("pairs")),
+                f"{np.median(run.coupling):.3f}",
+                f"{np.median(run.ripple):.3g}" if len(run.ripple) else "n/a",
+                cell["spearman"],
+                cell["pearson"],
+                cell["kendall"],
+                p_value(((a.get("all_pairs") or h).get("permutation") or {}).get("p")),
+                a.get("verdict", {}).get("conclusion", "n/a"),
+            ]
+        )
     ripple_metrics = {run.analysis["settings"]["ripple"] for run in runs}
-    parts = [f"# GradSim vs MEMIT ripple across {len(runs)} runs",
-             f"**{verdict['conclusion'].capitalize()}.** {verdict['text']}",
-             table(["run", "family", "size", "pieces", "edits", "pairs", "median GradSim", "median ripple",
-                    "Spearman [95% CI]", "Pearson [95% CI]", "Kendall [95% CI]", "permutation p (all pairs)",
-                    "verdict"], rows),
-             "Headline: each run's related facts (same chain or shared entity), |GradSim| vs |ΔlogP|. Intervals: "
-             "two-way cluster bootstrap over each run's edits and pieces. Ripple: "
-             + ", ".join(sorted(ripple_metrics))
-             + (" — the runs use different ripple metrics: compare their correlations with care."
-                if len(ripple_metrics) > 1 else "."),
-             f"![comparison]({COMPARISON_PLOT})"]
+    parts = [
+        f"# GradSim vs MEMIT ripple across {len(runs)} runs",
+        f"**{verdict['conclusion'].capitalize()}.** {verdict['text']}",
+        table(
+            [
+                "run",
+                "family",
+                "size",
+                "pieces",
+                "edits",
+                "pairs",
+                "median GradSim",
+                "median ripple",
+                "Spearman [95% CI]",
+                "Pearson [95% CI]",
+                "Kendall [95% CI]",
+                "permutation p (all pairs)",
+                "verdict",
+            ],
+            rows,
+        ),
+        "Headline: each run's related facts (same chain or shared entity), |GradSim| vs |ΔlogP|. Intervals: "
+        "two-way cluster bootstrap over each run's edits and pieces. Ripple: "
+        + ", ".join(sorted(ripple_metrics))
+        + (
+            " — the runs use different ripple metrics: compare their correlations with care."
+            if len(ripple_metrics) > 1
+            else "."
+        ),
+        f"![comparison]({COMPARISON_PLOT})",
+    ]
     for run in runs:
-        note = " (analysed here with default settings: the run had no correlation_analysis.json)" \
-            if run.computed_here else ""
+        note = (
+            " (analysed here with default settings: the run had no correlation_analysis.json)"
+            if run.computed_here
+            else ""
+        )
         verdict_text = run.analysis.get("verdict", {}).get("text", "")
         parts.append(f"## {run.label}\n\n`{run.directory}`{note}\n\n{verdict_text}")
     return "\n\n".join(parts) + "\n"
@@ -156,8 +228,13 @@ def unique_labels(runs: list[ComparedRun]) -> None:
             run.label = f"{run.label} ({run.directory.name})"
 
 
-def compare(run_dirs: list[str], output_dir: str | Path, labels: list[str] | None = None,
-            options: AnalysisOptions | None = None, seed: int = 0) -> list[Path]:
+def compare(
+    run_dirs: list[str],
+    output_dir: str | Path,
+    labels: list[str] | None = None,
+    options: AnalysisOptions | None = None,
+    seed: int = 0,
+) -> list[Path]:
     options = options or AnalysisOptions()
     if len(run_dirs) < 2:
         raise UserError("compare needs at least two run directories")
@@ -174,17 +251,29 @@ def compare(run_dirs: list[str], output_dir: str | Path, labels: list[str] | Non
 
     out = Path(output_dir)
     figure = comparison_figure([r.as_plot_entry() for r in runs])
-    return [outputs.save_figure(out / COMPARISON_PLOT, figure, dpi=120),
-            outputs.write_text(out / COMPARISON_REPORT, render_comparison(runs, verdict))]
+    return [
+        outputs.save_figure(out / COMPARISON_PLOT, figure, dpi=120),
+        outputs.write_text(out / COMPARISON_REPORT, render_comparison(runs, verdict)),
+    ]
+
+
+@dataclass
+class CompareOptions:
+    """Where the comparison goes, and the seed of any run it analyses itself."""
+
+    output_dir: str = "runs/comparison"
+    """Where comparison.md and comparison.png go."""
+    seed: int = 0
+    """Seed for the runs analysed here (those without correlation_analysis.json)."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lit-coupling compare", description=__doc__.split("\n\n")[0])
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="lit-coupling compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories (each written by lit-coupling run)")
-    parser.add_argument("--output_dir", default="runs/comparison", help="where comparison.md/.png go")
     parser.add_argument("--labels", nargs="*", help="one label per run (default: the model names)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed for runs analysed here (those without correlation_analysis.json)")
+    parser.add_class_arguments(CompareOptions, None)
     args = parser.parse_args(argv)
     try:
         written = compare(args.runs, args.output_dir, args.labels, seed=args.seed)

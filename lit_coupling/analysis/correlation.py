@@ -36,13 +36,17 @@ def why_no_pairs(context: dict) -> str:
     """The plain reason a run has no (edit, piece) pairs, from what the ripple stage recorded."""
     skipped = context.get("edits_skipped") or {}
     if not context.get("edits_total"):
-        return ("No edit was made: edit sources are drawn from facts the model knows, and it knew too few (see "
-                "'requests' in ripple_experiments.json). Use more records, a model that knows the facts, or "
-                "--memit.known any to edit unknown facts too.")
+        return (
+            "No edit was made: edit sources are drawn from facts the model knows, and it knew too few (see "
+            "'requests' in ripple_experiments.json). Use more records, a model that knows the facts, or "
+            "--memit.known any to edit unknown facts too."
+        )
     if skipped.get("source piece not among the pieces"):
-        return ("The edits' facts are not among the pieces (CounterFact-sourced edits): GradSim pairs an edited "
-                "fact with a piece, so it needs the edit among the pieces. The CounterFact metrics and the ripple "
-                "on every piece are in ripple_experiments.json.")
+        return (
+            "The edits' facts are not among the pieces (CounterFact-sourced edits): GradSim pairs an edited "
+            "fact with a piece, so it needs the edit among the pieces. The CounterFact metrics and the ripple "
+            "on every piece are in ripple_experiments.json."
+        )
     return "Every edit failed or was skipped: " + ", ".join(f"{k}: {v}" for k, v in skipped.items()) + "."
 
 
@@ -76,8 +80,10 @@ class _Analysis:
         defined = table["gradsim_defined"].astype(bool).to_numpy()
         usable = defined & S.finite_mask(table["gradsim"], table[metric])
         self.table = table[usable].reset_index(drop=True)
-        self.excluded = {"gradsim undefined (zero gradient)": int(np.sum(~defined)),
-                         "ripple not finite": int(np.sum(defined & ~usable))}
+        self.excluded = {
+            "gradsim undefined (zero gradient)": int(np.sum(~defined)),
+            "ripple not finite": int(np.sum(defined & ~usable)),
+        }
         self.x = self.table["gradsim"].to_numpy(np.float64)
         self.y = self.table[metric].to_numpy(np.float64)
         self.edits = self.table["edit_id"].to_numpy()
@@ -104,15 +110,22 @@ class _Analysis:
         if kendall_interval:
             statistics["kendall"] = S.kendall
         for name, statistic in statistics.items():
+
             def masked(a, b, m, statistic=statistic):
                 return statistic(a[m], b[m])
+
             result[name]["ci"], _ = self.interval(masked, x, y, mask)
         return result
 
 
-def correlation_analysis(table: pd.DataFrame, options: AnalysisOptions, seed: int,
-                         layers: LayerCoupling | None = None, chain_ids: list[str] | None = None,
-                         context: dict | None = None) -> dict:
+def correlation_analysis(
+    table: pd.DataFrame,
+    options: AnalysisOptions,
+    seed: int,
+    layers: LayerCoupling | None = None,
+    chain_ids: list[str] | None = None,
+    context: dict | None = None,
+) -> dict:
     """All statistics of step 4 of the mission. `layers` and `chain_ids` (per piece) give the per-layer view;
     `context` (model, data, method: `pairs.describe_run`) only feeds the caveats."""
     a = _Analysis(table, options, seed)
@@ -123,13 +136,21 @@ def correlation_analysis(table: pd.DataFrame, options: AnalysisOptions, seed: in
         "format": CORRELATION_FORMAT,
         "settings": {**vars(options), "seed": seed},
         "definitions": _definitions(options),
-        "counts": {"pairs": n_pairs, "edits": n_edits, "pieces": context.get("pieces"),
-                   "pairs_excluded": a.excluded, "edits_skipped": context.get("edits_skipped", {})},
+        "counts": {
+            "pairs": n_pairs,
+            "edits": n_edits,
+            "pieces": context.get("pieces"),
+            "pairs_excluded": a.excluded,
+            "edits_skipped": context.get("edits_skipped", {}),
+        },
     }
     if n_pairs < 3:
-        result["verdict"] = {"conclusion": "no data", "strength": "undefined", "caveats": [],
-                             "text": f"Only {n_pairs} usable (edit, piece) pairs: nothing to correlate. "
-                                     + why_no_pairs(context)}
+        result["verdict"] = {
+            "conclusion": "no data",
+            "strength": "undefined",
+            "caveats": [],
+            "text": f"Only {n_pairs} usable (edit, piece) pairs: nothing to correlate. " + why_no_pairs(context),
+        }
         return result
 
     result["predictor_table"] = ptable = predictor_table(table, options, seed)
@@ -138,13 +159,14 @@ def correlation_analysis(table: pd.DataFrame, options: AnalysisOptions, seed: in
     # The comparison the GradSim paper makes: related facts first (all pairs when too few are related).
     first = "related" if related >= options.min_stratum_pairs else "all"
     result["headline"] = pair_headline(table, ptable, first, options, seed)
-    result["all_pairs"] = result["headline"] if first == "all" else pair_headline(table, ptable, "all", options,
-                                                                                  seed)
+    result["all_pairs"] = result["headline"] if first == "all" else pair_headline(table, ptable, "all", options, seed)
     result["control"] = control_check(ptable, context)
     shown = {options.ripple, "delta_logp" if options.ripple == "neg_delta_logp" else "neg_delta_logp"}
     result["ripple_metrics"] = {  # the other ripple metrics, for robustness (one of ±ΔlogP is enough)
-        metric: a.correlations(a.x, a.column(metric), kendall_interval=False) for metric in RIPPLE_METRICS
-        if metric not in shown}
+        metric: a.correlations(a.x, a.column(metric), kendall_interval=False)
+        for metric in RIPPLE_METRICS
+        if metric not in shown
+    }
     result["per_edit"] = _per_edit(a)
     result["strata"] = _strata(a)
     result["coupling_groups"] = _coupling_groups(a)
@@ -175,30 +197,38 @@ def control_check(ptable: dict, context: dict) -> dict | None:
         return None
     signed = ptable["strata"]["all"]["signed"]
     magnitude = ptable["strata"]["all"]["magnitude"]
-    rows = {name: {"signed": signed.get(name), "magnitude": magnitude.get(name)}
-            for name in ("new_target_inner", "first_order", "inner_edit_layers") if name in signed}
+    rows = {
+        name: {"signed": signed.get(name), "magnitude": magnitude.get(name)}
+        for name in ("new_target_inner", "first_order", "inner_edit_layers")
+        if name in signed
+    }
     rho = (signed.get("new_target_inner") or {}).get("rho")
     steps = (context.get("finetune") or {}).get("steps")
-    return {"editor": "ft", "finetune": context.get("finetune"), "rows": rows, "required_rho": CONTROL_MIN_RHO,
-            "passed": rho is not None and rho >= CONTROL_MIN_RHO,
-            "text": (f"Positive control (fine-tuning, {steps} step(s)): ⟨g_new,i, g_j⟩ vs signed ΔlogP_j, "
-                     f"Spearman ρ = {short(rho)} (first-order theory: ≥ {CONTROL_MIN_RHO} expected for one small "
-                     f"step) — {'passed' if rho is not None and rho >= CONTROL_MIN_RHO else 'FAILED'}.")}
+    return {
+        "editor": "ft",
+        "finetune": context.get("finetune"),
+        "rows": rows,
+        "required_rho": CONTROL_MIN_RHO,
+        "passed": rho is not None and rho >= CONTROL_MIN_RHO,
+        "text": (
+            f"Positive control (fine-tuning, {steps} step(s)): ⟨g_new,i, g_j⟩ vs signed ΔlogP_j, "
+            f"Spearman ρ = {short(rho)} (first-order theory: ≥ {CONTROL_MIN_RHO} expected for one small "
+            f"step) — {'passed' if rho is not None and rho >= CONTROL_MIN_RHO else 'FAILED'}."
+        ),
+    }
 
 
 def headline_statistics(a: _Analysis) -> dict:
     """GradSim vs the chosen ripple over all pairs: the three correlations with intervals, and the permutation
-    test. Pearson comes from torchmetrics, streamed edit by edit (`stats.pearson_by_cluster`)."""
+    test."""
     headline = a.correlations(a.x, a.y)
-    if headline["pearson"]["value"] is not None:
-        headline["pearson"]["value"] = S.pearson_by_cluster(a.x, a.y, a.edits)
     headline["permutation"] = S.within_cluster_permutation_test(
-        a.x, a.y, a.edits, a.options.permutations, S.rng_for(a.seed, "within-edit permutation"))
+        a.x, a.y, a.edits, a.options.permutations, S.rng_for(a.seed, "within-edit permutation")
+    )
     return headline
 
 
-def headline_for_pairs(x: np.ndarray, y: np.ndarray, edits: np.ndarray, options: AnalysisOptions,
-                       seed: int) -> dict:
+def headline_for_pairs(x: np.ndarray, y: np.ndarray, edits: np.ndarray, options: AnalysisOptions, seed: int) -> dict:
     """The headline statistics on bare arrays (one entry per pair; `edits` names each pair's edit)."""
     table = pd.DataFrame({"gradsim": x, options.ripple: y, "edit_id": edits, "gradsim_defined": True})
     return headline_statistics(_Analysis(table, options, seed))
@@ -209,29 +239,29 @@ def _definitions(options: AnalysisOptions) -> dict:
         "pairs": "one per (edit i, piece j ≠ i) of every edit with status ok; i = source_index",
         "predictor": "GradSim(i, j) = coupling_matrix.npy[i, j]",
         "ripple": f"{options.ripple}: {RIPPLE_LABELS[options.ripple]}; ΔlogP_j = logp_after[j] − "
-                  "logp_before[j] of that edit in ripple_experiments.json",
+        "logp_before[j] of that edit in ripple_experiments.json",
         "related": "same chain, or a shared entity (the subject or answer of one piece is the subject or answer "
-                   "of the other, case-insensitive)",
+        "of the other, case-insensitive)",
         "headline": "related facts first (the GradSim paper's comparison): Spearman of |GradSim| with |ΔlogP| "
-                    "(magnitude with magnitude) and of GradSim with ΔlogP (signed with signed)",
+        "(magnitude with magnitude) and of GradSim with ΔlogP (signed with signed)",
         "intervals": f"{options.confidence:.0%} percentile intervals of a two-way cluster bootstrap that "
-                     "resamples edits and pieces independently (a pair counts (times its edit drawn) × (times "
-                     f"its piece drawn)); {options.bootstrap} resamples, the same for every predictor, so "
-                     "differences of ρ are paired. Headline, all_pairs and predictor_table only: the secondary "
-                     "sections are descriptive",
+        "resamples edits and pieces independently (a pair counts (times its edit drawn) × (times "
+        f"its piece drawn)); {options.bootstrap} resamples, the same for every predictor, so "
+        "differences of ρ are paired. Headline, all_pairs and predictor_table only: the secondary "
+        "sections are descriptive",
         "permutation": "all pairs only; two-sided; the ripple relabelled by a random permutation of the edits and "
-                       "one of the pieces (pairs mapped onto an unmeasured cell drop out); statistic: Spearman",
+        "one of the pieces (pairs mapped onto an unmeasured cell drop out); statistic: Spearman",
         "words": f"|ρ| < {NO_PRACTICAL}: no practical association, whatever the p-value; otherwise supported "
-                 "(reversed) when the interval lies above (below) 0 and the permutation test, where there is "
-                 "one, rejects; else inconclusive",
+        "(reversed) when the interval lies above (below) 0 and the permutation test, where there is "
+        "one, rejects; else inconclusive",
         "per_edit": "Spearman ρ over the pairs of one edit (edits with ≥ 3 pairs)",
         "coupling_groups": "top vs bottom quartile of GradSim over all pairs; Cliff's δ = P(top ripples "
-                           "more) − P(bottom ripples more)",
+        "more) − P(bottom ripples more)",
         "partial": "Spearman of GradSim and ripple after removing what is linear in the rank of the piece's "
-                   "baseline logP (logp_before)",
+        "baseline logP (logp_before)",
         "predictor_table": "Spearman ρ of each predictor (lit_coupling.analysis.predictors.PREDICTORS) with the "
-                           "ripple per stratum; magnitude: |predictor| vs |ΔlogP|; signed: predictor vs ΔlogP; "
-                           "minus_gradsim: ρ − ρ(GradSim) on the same resamples",
+        "ripple per stratum; magnitude: |predictor| vs |ΔlogP|; signed: predictor vs ΔlogP; "
+        "minus_gradsim: ρ − ρ(GradSim) on the same resamples",
     }
 
 
@@ -241,11 +271,19 @@ def _per_edit(a: _Analysis) -> dict:
         first = a.table.iloc[members[0]]
         x, y = a.x[members], a.y[members]
         tests = S.correlation_tests(x, y)
-        rows.append({"edit_id": _plain(first["edit_id"]), "source_piece": first["source_piece"],
-                     "source_kind": first["source_kind"], "n": int(len(members)),
-                     "spearman": tests["spearman"]["value"], "p": tests["spearman"]["p"],
-                     "edit_success": _plain(first["edit_success"]),
-                     "mean_ripple": float(np.mean(y)), "mean_gradsim": float(np.mean(x))})
+        rows.append(
+            {
+                "edit_id": _plain(first["edit_id"]),
+                "source_piece": first["source_piece"],
+                "source_kind": first["source_kind"],
+                "n": int(len(members)),
+                "spearman": tests["spearman"]["value"],
+                "p": tests["spearman"]["p"],
+                "edit_success": _plain(first["edit_success"]),
+                "mean_ripple": float(np.mean(y)),
+                "mean_gradsim": float(np.mean(x)),
+            }
+        )
     values = np.array([np.nan if r["spearman"] is None else r["spearman"] for r in rows], dtype=float)
     return {"edits": rows, "summary": S.distribution_summary(values)}
 
@@ -258,9 +296,12 @@ def _plain(value):
 
 
 def _stratum(a: _Analysis, mask: np.ndarray) -> dict:
-    entry = {"n": int(mask.sum()), "edits": int(len(np.unique(a.edits[mask]))),
-             "mean_gradsim": float(a.x[mask].mean()) if mask.any() else None,
-             "median_ripple": float(np.median(a.y[mask])) if mask.any() else None}
+    entry = {
+        "n": int(mask.sum()),
+        "edits": int(len(np.unique(a.edits[mask]))),
+        "mean_gradsim": float(a.x[mask].mean()) if mask.any() else None,
+        "median_ripple": float(np.median(a.y[mask])) if mask.any() else None,
+    }
     if mask.sum() >= a.options.min_stratum_pairs:
         tests = S.correlation_tests(a.x[mask], a.y[mask])
         entry["spearman"] = tests["spearman"]
@@ -270,9 +311,14 @@ def _stratum(a: _Analysis, mask: np.ndarray) -> dict:
 
 def _strata(a: _Analysis) -> dict:
     same = a.table["same_chain"].astype(bool).to_numpy()
-    strata = {"chain": {"same chain": _stratum(a, same), "other chains": _stratum(a, ~same),
-                        "same_vs_other_ripple": S.mann_whitney(a.y[same], a.y[~same]),
-                        "same_vs_other_gradsim": S.mann_whitney(a.x[same], a.x[~same])}}
+    strata = {
+        "chain": {
+            "same chain": _stratum(a, same),
+            "other chains": _stratum(a, ~same),
+            "same_vs_other_ripple": S.mann_whitney(a.y[same], a.y[~same]),
+            "same_vs_other_gradsim": S.mann_whitney(a.x[same], a.x[~same]),
+        }
+    }
     relations = a.table["hop_relation"].to_numpy()
     strata["hop_relation"] = {str(rel): _stratum(a, relations == rel) for rel in sorted(set(relations))}
     success = a.table["edit_success"].to_numpy()
@@ -286,8 +332,7 @@ def _coupling_groups(a: _Analysis) -> dict:
     test = S.mann_whitney(a.y[top], a.y[bottom])
     test["cliffs_delta_ci"], _ = a.interval(S.top_vs_bottom_delta, a.x, a.y)
     low, high = np.quantile(a.x, [0.25, 0.75])
-    return {"bottom_max_gradsim": float(low), "top_min_gradsim": float(high), "groups": ["top", "bottom"],
-            **test}
+    return {"bottom_max_gradsim": float(low), "top_min_gradsim": float(high), "groups": ["top", "bottom"], **test}
 
 
 def _partial(a: _Analysis) -> dict:
@@ -303,16 +348,35 @@ def _partial(a: _Analysis) -> dict:
 def _predictors_view(ptable: dict) -> dict:
     """The predictor table's all-pairs, magnitude column in the shape of the earlier `predictors` section."""
     rows = ptable["strata"]["all"]["magnitude"]
-    table = {name: {"label": info["label"], "kind": info["kind"], "available": True, "n": rows[name]["n"],
-                    "spearman": rows[name]["rho"], "spearman_ci": rows[name]["ci"]}
-             for name, info in ptable["predictors"].items() if name in rows}
+    table = {
+        name: {
+            "label": info["label"],
+            "kind": info["kind"],
+            "available": True,
+            "n": rows[name]["n"],
+            "spearman": rows[name]["rho"],
+            "spearman_ci": rows[name]["ci"],
+        }
+        for name, info in ptable["predictors"].items()
+        if name in rows
+    }
     table.update({name: {"label": name, "available": False} for name in ptable["unavailable"]})
-    differences = {name: {"spearman": -row["minus_gradsim"],
-                          "spearman_ci": [None if row["minus_gradsim_ci"][1] is None else -row["minus_gradsim_ci"][1],
-                                          None if row["minus_gradsim_ci"][0] is None else -row["minus_gradsim_ci"][0]]}
-                   for name, row in rows.items() if row.get("minus_gradsim") is not None}
-    return {"stratum": "all pairs, magnitude (|predictor| vs |ΔlogP|)", "table": table,
-            "gradsim_minus_baseline": differences}
+    differences = {
+        name: {
+            "spearman": -row["minus_gradsim"],
+            "spearman_ci": [
+                None if row["minus_gradsim_ci"][1] is None else -row["minus_gradsim_ci"][1],
+                None if row["minus_gradsim_ci"][0] is None else -row["minus_gradsim_ci"][0],
+            ],
+        }
+        for name, row in rows.items()
+        if row.get("minus_gradsim") is not None
+    }
+    return {
+        "stratum": "all pairs, magnitude (|predictor| vs |ΔlogP|)",
+        "table": table,
+        "gradsim_minus_baseline": differences,
+    }
 
 
 def _by_layer(a: _Analysis, layers: LayerCoupling, chain_ids: np.ndarray) -> list[dict]:
@@ -325,15 +389,20 @@ def _by_layer(a: _Analysis, layers: LayerCoupling, chain_ids: np.ndarray) -> lis
     for index, layer in enumerate(layers.layers):
         cosine = layers.cosine(index)
         x = cosine[i, j]
-        rows.append({"layer": layer, "mean_gradsim": float(cosine[off_diagonal].mean()),
-                     "mean_gradsim_same_chain": float(cosine[same].mean()) if same.any() else None,
-                     "mean_gradsim_other_chains": float(cosine[other].mean()) if other.any() else None,
-                     "spearman": S.spearman(x, a.y)})
+        rows.append(
+            {
+                "layer": layer,
+                "mean_gradsim": float(cosine[off_diagonal].mean()),
+                "mean_gradsim_same_chain": float(cosine[same].mean()) if same.any() else None,
+                "mean_gradsim_other_chains": float(cosine[other].mean()) if other.any() else None,
+                "spearman": S.spearman(x, a.y),
+            }
+        )
     return rows
 
 
 CONCLUSION_WORDS = {
-    "supported": "The hypothesis \"GradSim high ⇔ ripple strong\" is supported on this run",
+    "supported": 'The hypothesis "GradSim high ⇔ ripple strong" is supported on this run',
     "reversed": "The relation runs the other way on this run",
     "not supported": "The hypothesis is not supported on this run",
     "no practical association": "GradSim has no practical association with the ripple on this run",
@@ -361,7 +430,8 @@ def verdict(result: dict, options: AnalysisOptions, context: dict) -> dict:
         f"Qin et al. (2024) report Spearman {min(r[2] for r in PUBLISHED):.2f}–{max(r[2] for r in PUBLISHED):.2f} "
         "(Pearson "
         f"{min(r[1] for r in PUBLISHED):.2f}–{max(r[1] for r in PUBLISHED):.2f}) for related facts on LLaMA-2-7B "
-        "and GPT-2 XL."]
+        "and GPT-2 XL.",
+    ]
     if h["stratum"] != "all":
         a_rho, a_ci = all_pairs["spearman"]["value"], all_pairs["spearman"]["ci"]
         perm = all_pairs["permutation"]
@@ -369,7 +439,8 @@ def verdict(result: dict, options: AnalysisOptions, context: dict) -> dict:
             f"All {all_pairs['n']} pairs: |GradSim| vs |ΔlogP| ρ = {short(a_rho)} {_ci_text(a_ci)} "
             f"({all_pairs['conclusion']}; two-way permutation {p_text(perm.get('p'))}); signed ρ = "
             f"{short(all_pairs['signed']['spearman']['value'])} "
-            f"{_ci_text(all_pairs['signed']['spearman']['ci'])}.")
+            f"{_ci_text(all_pairs['signed']['spearman']['ci'])}."
+        )
     ptable = result["predictor_table"]
     ranking = ptable["ranking_all_pairs_magnitude"]
     magnitude = ptable["strata"]["all"]["magnitude"]
@@ -382,28 +453,46 @@ def verdict(result: dict, options: AnalysisOptions, context: dict) -> dict:
             f"Of {len(ranking)} predictors (all pairs, magnitude), the best is {ptable['predictors'][best]['label']} "
             f"(ρ = {short(best_row['rho'])} {_ci_text(best_row['ci'])})"
             + (f"; GradSim ranks {place} of {len(ranking)}" if place else "")
-            + (f" (Δρ best − GradSim = {short(best_row.get('minus_gradsim'))} "
-               f"{_ci_text(best_row.get('minus_gradsim_ci'))}, same resamples)" if best != "gradsim"
-               and best_row.get("minus_gradsim") is not None else "") + ".")
+            + (
+                f" (Δρ best − GradSim = {short(best_row.get('minus_gradsim'))} "
+                f"{_ci_text(best_row.get('minus_gradsim_ci'))}, same resamples)"
+                if best != "gradsim" and best_row.get("minus_gradsim") is not None
+                else ""
+            )
+            + "."
+        )
         oracle = magnitude.get("first_order", {}).get("rho")
         gradsim_word = h["conclusion"]
         if gradsim_word in ("supported",):
             low_paper, high_paper = min(r[2] for r in PUBLISHED), max(r[2] for r in PUBLISHED)
-            where = ("below the paper's" if rho < low_paper else "within the paper's" if rho <= high_paper
-                     else "above the paper's")
-            first = (f"GradSim does track how much an edit moves related facts here (ρ = {short(rho)} "
-                     f"{_ci_text(ci)}, {strength(rho)}), {where} {low_paper:.2f}–{high_paper:.2f}")
+            where = (
+                "below the paper's"
+                if rho < low_paper
+                else "within the paper's"
+                if rho <= high_paper
+                else "above the paper's"
+            )
+            first = (
+                f"GradSim does track how much an edit moves related facts here (ρ = {short(rho)} "
+                f"{_ci_text(ci)}, {strength(rho)}), {where} {low_paper:.2f}–{high_paper:.2f}"
+            )
         elif gradsim_word == "reversed":
             first = f"GradSim runs against the ripple on related facts here (ρ = {short(rho)})"
         elif gradsim_word == "no practical association":
-            first = (f"GradSim shows no practical association with how much an edit moves related facts "
-                     f"(ρ = {short(rho)}, far below the paper's 0.60–0.81)")
+            first = (
+                f"GradSim shows no practical association with how much an edit moves related facts "
+                f"(ρ = {short(rho)}, far below the paper's 0.60–0.81)"
+            )
         else:
-            first = f"This run cannot tell whether GradSim tracks the ripple on related facts (ρ = {short(rho)} " \
-                    f"{_ci_text(ci)})"
+            first = (
+                f"This run cannot tell whether GradSim tracks the ripple on related facts (ρ = {short(rho)} "
+                f"{_ci_text(ci)})"
+            )
         if oracle is not None and abs(oracle) >= 0.5:
-            first += (f", while the edit's own first-order prediction reaches ρ = {short(oracle)} on all pairs: "
-                      "far more of the ripple is predictable than gradient cosine captures")
+            first += (
+                f", while the edit's own first-order prediction reaches ρ = {short(oracle)} on all pairs: "
+                "far more of the ripple is predictable than gradient cosine captures"
+            )
         takeaway.append(first + ".")
         second_best = next((name for name in ranking if name != "first_order"), None)
         if second_best:
@@ -411,18 +500,26 @@ def verdict(result: dict, options: AnalysisOptions, context: dict) -> dict:
                 f"Without the edit's ΔW, the best forecast of ripple on this run is "
                 f"{ptable['predictors'][second_best]['label']} (ρ = {short(magnitude[second_best]['rho'])}); "
                 "read GradSim's number with the thresholds stated below, and these results as those of one "
-                f"{'tiny ' if (context.get('parameters') or 0) <= TINY_MODEL_PARAMETERS else ''}model.")
+                f"{'tiny ' if (context.get('parameters') or 0) <= TINY_MODEL_PARAMETERS else ''}model."
+            )
     control = result.get("control")
     if control:
         sentences.append(control["text"])
-    return {"conclusion": h["conclusion"], "strength": strength(rho), "stratum": h["stratum"],
-            "text": " ".join(sentences), "takeaway": " ".join(takeaway),
-            "thresholds": {"no practical association": f"|ρ| < {NO_PRACTICAL}",
-                           **{label: f"|ρ| ≥ {bound}" for bound, label in STRENGTH if bound > 0},
-                           "supported / reversed": f"|ρ| ≥ {NO_PRACTICAL} and the {options.confidence:.0%} "
-                                                   "interval excludes 0 (and, on all pairs, the two-way "
-                                                   f"permutation p < {options.alpha})"},
-            "caveats": caveats(result, context)}
+    return {
+        "conclusion": h["conclusion"],
+        "strength": strength(rho),
+        "stratum": h["stratum"],
+        "text": " ".join(sentences),
+        "takeaway": " ".join(takeaway),
+        "thresholds": {
+            "no practical association": f"|ρ| < {NO_PRACTICAL}",
+            **{label: f"|ρ| ≥ {bound}" for bound, label in STRENGTH if bound > 0},
+            "supported / reversed": f"|ρ| ≥ {NO_PRACTICAL} and the {options.confidence:.0%} "
+            "interval excludes 0 (and, on all pairs, the two-way "
+            f"permutation p < {options.alpha})",
+        },
+        "caveats": caveats(result, context),
+    }
 
 
 def caveats(result: dict, context: dict) -> list[str]:
@@ -430,40 +527,51 @@ def caveats(result: dict, context: dict) -> list[str]:
     counts = result["counts"]
     notes = []
     if counts["edits"] < MIN_EDITS:
-        notes.append(f"Few edits ({counts['edits']}), fewer than {MIN_EDITS}: intervals come from resampling "
-                     f"{counts['edits']} edits and are rough (a cluster bootstrap over so few clusters tends to "
-                     "be too narrow); more edits (--max_experiments) narrow them honestly.")
+        notes.append(
+            f"Few edits ({counts['edits']}), fewer than {MIN_EDITS}: intervals come from resampling "
+            f"{counts['edits']} edits and are rough (a cluster bootstrap over so few clusters tends to "
+            "be too narrow); more edits (--max_experiments) narrow them honestly."
+        )
     if counts["pairs"] < FEW_PAIRS:
         notes.append(f"Small N: {counts['pairs']} pairs.")
     parameters = context.get("parameters")
     if parameters and parameters <= TINY_MODEL_PARAMETERS:
-        notes.append(f"Tiny model ({parameters / 1e6:.1f}M parameters): coupling and ripple in a model this "
-                     "small need not carry over to GPT-2 XL or LLaMA-2.")
+        notes.append(
+            f"Tiny model ({parameters / 1e6:.1f}M parameters): coupling and ripple in a model this "
+            "small need not carry over to GPT-2 XL or LLaMA-2."
+        )
     if context.get("source_kind") == "synthetic-world":
         notes.append("Synthetic data: the facts come from the embedded generated world, not from HotpotQA.")
     if context.get("gradsim_mode") == "projected":
         notes.append("GradSim is estimated with a random projection, not computed exactly.")
     efficacy = context.get("efficacy")
-    if efficacy and efficacy.get("ok") and efficacy.get("success") is not None \
-            and efficacy["success"] < efficacy["ok"]:
-        notes.append(f"Only {efficacy['success']} of {efficacy['ok']} edits succeeded (efficacy); the ripple "
-                     "of a failed edit is small by construction.")
+    if efficacy and efficacy.get("ok") and efficacy.get("success") is not None and efficacy["success"] < efficacy["ok"]:
+        notes.append(
+            f"Only {efficacy['success']} of {efficacy['ok']} edits succeeded (efficacy); the ripple "
+            "of a failed edit is small by construction."
+        )
     skipped = sum(counts.get("edits_skipped", {}).values())
     if skipped:
         notes.append(f"{skipped} edit(s) did not finish and are left out.")
     known = context.get("known_fraction")
     if known is not None and known < 0.5:
-        notes.append(f"The model knows few of the facts before editing (teacher-forced EM {known:.0%}); "
-                     "ripple on facts a model never knew is mostly noise.")
+        notes.append(
+            f"The model knows few of the facts before editing (teacher-forced EM {known:.0%}); "
+            "ripple on facts a model never knew is mostly noise."
+        )
     if result["counts"]["pairs_excluded"].get("gradsim undefined (zero gradient)"):
         notes.append("Pairs with a zero-gradient piece (GradSim undefined) are left out.")
-    notes.append("Intervals come from a two-way cluster bootstrap (edits × pieces) and are given for the headline, "
-                 "the all-pairs figures and the predictor table only; the secondary sections (other ripple "
-                 "metrics, per-edit, hop relations, coupling groups, partial ρ) are descriptive. No p-value that "
-                 "treats pairs as independent is reported.")
+    notes.append(
+        "Intervals come from a two-way cluster bootstrap (edits × pieces) and are given for the headline, "
+        "the all-pairs figures and the predictor table only; the secondary sections (other ripple "
+        "metrics, per-edit, hop relations, coupling groups, partial ρ) are descriptive. No p-value that "
+        "treats pairs as independent is reported."
+    )
     if context.get("editor") == "ft":
-        notes.append("Editor: fine-tuning (the positive control), not MEMIT: the GradSim figures describe how a "
-                     "gradient step ripples, not how a MEMIT edit does.")
+        notes.append(
+            "Editor: fine-tuning (the positive control), not MEMIT: the GradSim figures describe how a "
+            "gradient step ripples, not how a MEMIT edit does."
+        )
     return notes
 
 
@@ -475,8 +583,17 @@ def correlation_rows(result: dict) -> pd.DataFrame:
         if not entry or entry.get(value_key) is None:
             return
         ci = entry.get(ci_key) or [None, None]
-        rows.append({"section": section, "statistic": name, "value": entry[value_key], "ci_low": ci[0],
-                     "ci_high": ci[1], "p": entry.get("p"), "n": entry.get("n")})
+        rows.append(
+            {
+                "section": section,
+                "statistic": name,
+                "value": entry[value_key],
+                "ci_low": ci[0],
+                "ci_high": ci[1],
+                "p": entry.get("p"),
+                "n": entry.get("n"),
+            }
+        )
 
     headline = result.get("headline", {})
     for name in ("pearson", "spearman", "kendall"):
@@ -487,16 +604,22 @@ def correlation_rows(result: dict) -> pd.DataFrame:
         for name in ("pearson", "spearman", "kendall"):
             add(f"ripple: {metric}", name, {**entry.get(name, {}), "n": entry.get("n")})
     strata = result.get("strata", {})
-    stratified = [(group, name, entry) for group in ("chain", "hop_relation")
-                  for name, entry in strata.get(group, {}).items()]
+    stratified = [
+        (group, name, entry) for group in ("chain", "hop_relation") for name, entry in strata.get(group, {}).items()
+    ]
     if "successful_edits" in strata:
         stratified.append(("edits", "successful only", strata["successful_edits"]))
     for group, name, entry in stratified:
         if "spearman" in entry:
             add(f"stratum: {group}", name, {**entry["spearman"], "n": entry.get("n")})
     groups = result.get("coupling_groups", {})
-    add("coupling groups", "Cliff's delta (top vs bottom quartile)",
-        {**groups, "n": sum(groups.get("n") or [])}, "cliffs_delta", "cliffs_delta_ci")
+    add(
+        "coupling groups",
+        "Cliff's delta (top vs bottom quartile)",
+        {**groups, "n": sum(groups.get("n") or [])},
+        "cliffs_delta",
+        "cliffs_delta_ci",
+    )
     add("partial", "Spearman | baseline logP", result.get("partial"))
     for name, entry in result.get("predictors", {}).get("table", {}).items():
         add("predictors", f"{name}: Spearman", entry, "spearman", "spearman_ci")
@@ -505,8 +628,11 @@ def correlation_rows(result: dict) -> pd.DataFrame:
         add("gradsim minus baseline", f"{name}: Spearman", entry, "spearman", "spearman_ci")
         add("gradsim minus baseline", f"{name}: AUROC", entry, "auroc", "auroc_ci")
     summary = result.get("per_edit", {}).get("summary", {})
-    add("per edit", "median Spearman (p: sign test)",
-        {"value": summary.get("median"), "p": summary.get("sign_test_p"), "n": summary.get("n")})
+    add(
+        "per edit",
+        "median Spearman (p: sign test)",
+        {"value": summary.get("median"), "p": summary.get("sign_test_p"), "n": summary.get("n")},
+    )
     frame = pd.DataFrame(rows, columns=["section", "statistic", "value", "ci_low", "ci_high", "p", "n"])
     numeric = ["value", "ci_low", "ci_high", "p", "n"]
     frame[numeric] = frame[numeric].apply(pd.to_numeric)  # None → NaN: one type per column
@@ -522,10 +648,18 @@ NO_PRACTICAL = 0.1
 # under-covers with few clusters: Cameron, Gelbach & Miller 2008).
 MIN_EDITS = 30
 # Qin et al. (EMNLP 2024), GradSim vs ripple on related facts (reference.md): (setting, Pearson, Spearman).
-PUBLISHED = (("LLaMA-2-7B, ROME (popular), ΔlogP", 0.796, 0.811), ("LLaMA-2-7B, MEMIT, ΔlogP", 0.771, 0.598),
-             ("GPT-2 XL, ROME, ΔlogP", 0.628, 0.708), ("MQuAKE 2-hop", 0.783, 0.767))
-STRATA_LABELS = {"related": "related facts (same chain or shared entity)", "all": "all pairs",
-                 "known": "all pairs, pieces the model knew", "unknown": "all pairs, pieces it did not know"}
+PUBLISHED = (
+    ("LLaMA-2-7B, ROME (popular), ΔlogP", 0.796, 0.811),
+    ("LLaMA-2-7B, MEMIT, ΔlogP", 0.771, 0.598),
+    ("GPT-2 XL, ROME, ΔlogP", 0.628, 0.708),
+    ("MQuAKE 2-hop", 0.783, 0.767),
+)
+STRATA_LABELS = {
+    "related": "related facts (same chain or shared entity)",
+    "all": "all pairs",
+    "known": "all pairs, pieces the model knew",
+    "unknown": "all pairs, pieces it did not know",
+}
 # Where the positive control must land: first-order theory after one small fine-tuning step.
 CONTROL_MIN_RHO = 0.8
 
@@ -533,8 +667,9 @@ CONTROL_MIN_RHO = 0.8
 def stratum_masks(table: pd.DataFrame) -> dict[str, np.ndarray]:
     """related / all, and known / unknown pieces when the run says which pieces the model knew."""
     n = len(table)
-    related = table["related"].astype(bool).to_numpy() if "related" in table else \
-        table["same_chain"].astype(bool).to_numpy()
+    related = (
+        table["related"].astype(bool).to_numpy() if "related" in table else table["same_chain"].astype(bool).to_numpy()
+    )
     masks = {"related": related, "all": np.ones(n, dtype=bool)}
     known = table["known"].to_numpy(np.float64) if "known" in table else np.full(n, np.nan)
     if np.isfinite(known).any():
@@ -549,8 +684,9 @@ def words(rho: float | None, ci: list | None, p: float | None = None, alpha: flo
     if rho is None or not np.isfinite(rho):
         return "no data", "the correlation is undefined"
     if abs(rho) < NO_PRACTICAL:
-        return "no practical association", (f"|ρ| = {abs(rho):.2f} is below {NO_PRACTICAL}, too small to matter "
-                                            "whatever its p-value")
+        return "no practical association", (
+            f"|ρ| = {abs(rho):.2f} is below {NO_PRACTICAL}, too small to matter whatever its p-value"
+        )
     low, high = ci if ci and ci[0] is not None else (None, None)
     if low is None:
         return "inconclusive", "there is no interval (fewer than 2 edits or pieces)"
@@ -572,15 +708,21 @@ def predictor_table(table: pd.DataFrame, options: AnalysisOptions, seed: int) ->
 
     usable = S.finite_mask(table["delta_logp"]) & table["gradsim_defined"].astype(bool).to_numpy()
     table = table[usable].reset_index(drop=True)
-    boot = S.TwoWayBootstrap(table["edit_id"].to_numpy(), table["piece_index"].to_numpy(), options.bootstrap,
-                             S.rng_for(seed, "two-way bootstrap"))
-    available = [name for name in DEFINED if name in table
-                 and np.isfinite(table[name].to_numpy(np.float64)).sum() >= 3]
+    boot = S.TwoWayBootstrap(
+        table["edit_id"].to_numpy(),
+        table["piece_index"].to_numpy(),
+        options.bootstrap,
+        S.rng_for(seed, "two-way bootstrap"),
+    )
+    available = [name for name in DEFINED if name in table and np.isfinite(table[name].to_numpy(np.float64)).sum() >= 3]
     strata = {}
     for stratum, mask in stratum_masks(table).items():
-        entry = {"label": STRATA_LABELS[stratum], "n": int(mask.sum()),
-                 "edits": int(table.loc[mask, "edit_id"].nunique()),
-                 "pieces": int(table.loc[mask, "piece_index"].nunique())}
+        entry = {
+            "label": STRATA_LABELS[stratum],
+            "n": int(mask.sum()),
+            "edits": int(table.loc[mask, "edit_id"].nunique()),
+            "pieces": int(table.loc[mask, "piece_index"].nunique()),
+        }
         # known / unknown: magnitude only (the signed split adds little and costs as much as all pairs)
         for sign in ("magnitude", "signed") if stratum in ("related", "all") else ("magnitude",):
             ripple = table["abs_delta_logp" if sign == "magnitude" else "delta_logp"].to_numpy(np.float64)
@@ -595,8 +737,7 @@ def predictor_table(table: pd.DataFrame, options: AnalysisOptions, seed: int) ->
             results = S.spearman_table(boot, xs, ripple, mask)
             rows = {}
             for name, (rho, dist, keep) in results.items():
-                row = {"rho": _finite(rho), "ci": S.percentile_interval(dist, options.confidence),
-                       "n": int(keep.sum())}
+                row = {"rho": _finite(rho), "ci": S.percentile_interval(dist, options.confidence), "n": int(keep.sum())}
                 if name != "gradsim" and "gradsim" in results and np.array_equal(keep, results["gradsim"][2]):
                     base_rho, base_dist = results["gradsim"][:2]
                     row["minus_gradsim"] = _finite(rho - base_rho)
@@ -604,12 +745,18 @@ def predictor_table(table: pd.DataFrame, options: AnalysisOptions, seed: int) ->
                 rows[name] = row
             entry[sign] = rows
         strata[stratum] = entry
-    ranking = sorted((name for name in available if strata["all"]["magnitude"].get(name, {}).get("rho")
-                      is not None), key=lambda name: -abs(strata["all"]["magnitude"][name]["rho"]))
-    return {"predictors": {name: {"label": DEFINED[name][0], "kind": DEFINED[name][1]} for name in available},
-            "unavailable": [name for name in DEFINED if name not in available],
-            "ranking_all_pairs_magnitude": ranking, "strata": strata,
-            "resamples": boot.n_resamples, "pairs": int(len(table))}
+    ranking = sorted(
+        (name for name in available if strata["all"]["magnitude"].get(name, {}).get("rho") is not None),
+        key=lambda name: -abs(strata["all"]["magnitude"][name]["rho"]),
+    )
+    return {
+        "predictors": {name: {"label": DEFINED[name][0], "kind": DEFINED[name][1]} for name in available},
+        "unavailable": [name for name in DEFINED if name not in available],
+        "ranking_all_pairs_magnitude": ranking,
+        "strata": strata,
+        "resamples": boot.n_resamples,
+        "pairs": int(len(table)),
+    }
 
 
 def _finite(value) -> float | None:
@@ -625,25 +772,41 @@ def pair_headline(table: pd.DataFrame, ptable: dict, stratum: str, options: Anal
     mask = stratum_masks(table)[stratum] & table["gradsim_defined"].astype(bool).to_numpy()
     x, y = table["gradsim"].to_numpy(np.float64)[mask], table["abs_delta_logp"].to_numpy(np.float64)[mask]
     keep = S.finite_mask(x, y)
-    result = {"stratum": stratum, "label": STRATA_LABELS[stratum], "predictor": "|GradSim|",
-              "ripple": "abs_delta_logp", "n": int(keep.sum()), "edits": entry.get("edits"),
-              "pieces": entry.get("pieces"),
-              "spearman": {"value": magnitude.get("rho"), "ci": magnitude.get("ci") or [None, None]},
-              "pearson": {"value": _finite(S.pearson(np.abs(x[keep]), y[keep]))},
-              "kendall": {"value": _finite(S.kendall(np.abs(x[keep]), y[keep]))},
-              "signed": {"predictor": "GradSim", "ripple": "delta_logp",
-                         "spearman": {"value": signed.get("rho"), "ci": signed.get("ci") or [None, None]}}}
+    result = {
+        "stratum": stratum,
+        "label": STRATA_LABELS[stratum],
+        "predictor": "|GradSim|",
+        "ripple": "abs_delta_logp",
+        "n": int(keep.sum()),
+        "edits": entry.get("edits"),
+        "pieces": entry.get("pieces"),
+        "spearman": {"value": magnitude.get("rho"), "ci": magnitude.get("ci") or [None, None]},
+        "pearson": {"value": _finite(S.pearson(np.abs(x[keep]), y[keep]))},
+        "kendall": {"value": _finite(S.kendall(np.abs(x[keep]), y[keep]))},
+        "signed": {
+            "predictor": "GradSim",
+            "ripple": "delta_logp",
+            "spearman": {"value": signed.get("rho"), "ci": signed.get("ci") or [None, None]},
+        },
+    }
     if stratum == "all":
         edits, pieces = table["edit_id"].to_numpy()[mask], table["piece_index"].to_numpy()[mask]
         result["permutation"] = S.two_way_permutation_test(
-            np.abs(x), y, edits, pieces, options.permutations, S.rng_for(seed, "two-way permutation"))
+            np.abs(x), y, edits, pieces, options.permutations, S.rng_for(seed, "two-way permutation")
+        )
     else:
-        result["permutation"] = {"p": None, "n_permutations": 0, "why": (
-            "no permutation test inside a stratum: relabelling edits and pieces would move pairs across the "
-            "stratum boundary, and shuffling within edits ignores piece effects (type-I error 0.21 at α = 0.05 "
-            "in a simulation); the interval alone decides")}
-    conclusion, reason = words(result["spearman"]["value"], result["spearman"]["ci"],
-                               result["permutation"].get("p"), options.alpha)
+        result["permutation"] = {
+            "p": None,
+            "n_permutations": 0,
+            "why": (
+                "no permutation test inside a stratum: relabelling edits and pieces would move pairs across the "
+                "stratum boundary, and shuffling within edits ignores piece effects (type-I error 0.21 at α = 0.05 "
+                "in a simulation); the interval alone decides"
+            ),
+        }
+    conclusion, reason = words(
+        result["spearman"]["value"], result["spearman"]["ci"], result["permutation"].get("p"), options.alpha
+    )
     result["conclusion"], result["reason"] = conclusion, reason
     signed_conclusion, _ = words(signed.get("rho"), signed.get("ci"), None, options.alpha)
     result["signed"]["conclusion"] = signed_conclusion

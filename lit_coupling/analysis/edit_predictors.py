@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lit_coupling import outputs
-from lit_coupling.analysis.predictors import low_rank_change, whitened_cosine
+from lit_coupling.analysis.predictors import cosine_to, low_rank_change, whiten
 from lit_coupling.data.piece import KnowledgePiece
 from lit_coupling.editing.requests import subject_span, tokenize_with_subject
 
@@ -50,9 +50,13 @@ class GradientCapture:
     def __init__(self, model, adapter, layers: list[int], pad_id: int, device):
         self.model, self.adapter, self.layers, self.pad_id, self.device = model, adapter, layers, pad_id, device
 
-    def __call__(self, clozes: list[tuple[list[int], list[int]]], key_positions: list[int | None],
-                 batch_size: int = 64, desc: str = "gradients at the edit layers") -> tuple[dict, dict, torch.Tensor,
-                                                                                          dict]:
+    def __call__(
+        self,
+        clozes: list[tuple[list[int], list[int]]],
+        key_positions: list[int | None],
+        batch_size: int = 64,
+        desc: str = "gradients at the edit layers",
+    ) -> tuple[dict, dict, torch.Tensor, dict]:
         from lit_coupling.gradients.module import TargetHooks, backward_log_prob, gradient_mask
         from lit_coupling.progress import Progress
         from lit_coupling.scoring import collate_clozes
@@ -65,27 +69,37 @@ class GradientCapture:
         # One forward/backward per batch: minutes for thousands of pieces on a real model.
         with TargetHooks(targets) as hooks, Progress(len(clozes), desc, unit="cloze") as progress:
             for start in range(0, len(clozes), batch_size):
-                chunk = clozes[start:start + batch_size]
+                chunk = clozes[start : start + batch_size]
                 batch = collate_clozes(chunk, self.pad_id)
                 hooks.clear()
                 backward_log_prob(self.model, batch, self.device)
                 lengths = batch["lengths"].to(self.device)
                 mask = gradient_mask(lengths, batch["input_ids"].shape[1])
                 tokens.append(mask.sum(1).cpu())
-                positions = key_positions[start:start + batch_size]
+                positions = key_positions[start : start + batch_size]
                 for layer in self.layers:
                     x = hooks.x[layer]
                     xs[layer].append(x[mask].float().cpu())
                     ds[layer].append(hooks.d[layer][mask].float().cpu())
-                    keys[layer].append(torch.stack([
-                        x[row, pos].double().cpu() if pos is not None else torch.full((x.shape[-1],), float("nan"),
-                                                                                      dtype=torch.float64)
-                        for row, pos in enumerate(positions)]))
+                    keys[layer].append(
+                        torch.stack(
+                            [
+                                x[row, pos].double().cpu()
+                                if pos is not None
+                                else torch.full((x.shape[-1],), float("nan"), dtype=torch.float64)
+                                for row, pos in enumerate(positions)
+                            ]
+                        )
+                    )
                 hooks.clear()
                 progress.update(len(chunk))
         cat = {layer: torch.cat(v) for layer, v in xs.items()}
-        return cat, {layer: torch.cat(v) for layer, v in ds.items()}, torch.cat(tokens), \
-            {layer: torch.cat(v) for layer, v in keys.items()}
+        return (
+            cat,
+            {layer: torch.cat(v) for layer, v in ds.items()},
+            torch.cat(tokens),
+            {layer: torch.cat(v) for layer, v in keys.items()},
+        )
 
 
 def _covariances(ripple: dict, layers: list[int]) -> dict[int, torch.Tensor] | None:
@@ -103,8 +117,14 @@ def _covariances(ripple: dict, layers: list[int]) -> dict[int, torch.Tensor] | N
     return found
 
 
-def compute_edit_predictors(directory: Path, pieces: list[KnowledgePiece], ripple: dict, model_path: str,
-                            device: str = "auto", batch_size: int = 64) -> dict[str, np.ndarray]:
+def compute_edit_predictors(
+    directory: Path,
+    pieces: list[KnowledgePiece],
+    ripple: dict,
+    model_path: str,
+    device: str = "auto",
+    batch_size: int = 64,
+) -> dict[str, np.ndarray]:
     """The arrays of edit_predictors.npz: edit_ids (E,), source_index (E,), and (E, N) per predictor."""
     from lit_coupling.analysis.pairs import usable_experiments
     from lit_coupling.models.adapters import ModelAdapter, ensure_padding
@@ -117,9 +137,15 @@ def compute_edit_predictors(directory: Path, pieces: list[KnowledgePiece], rippl
     experiments = [e for e in experiments if int(e["edit_id"]) in updates["edits"]]
     if not experiments:  # no edit finished (or none was planned): empty matrices, nothing to load
         empty = np.zeros((0, n))
-        return {"edit_ids": np.zeros(0, dtype=int), "source_index": np.zeros(0, dtype=int),
-                "layers": np.array(layers), "editor": np.array(updates.get("editor", "memit")),
-                "first_order": empty, "new_target_inner": empty, "whitened_cosine": empty}
+        return {
+            "edit_ids": np.zeros(0, dtype=int),
+            "source_index": np.zeros(0, dtype=int),
+            "layers": np.array(layers),
+            "editor": np.array(updates.get("editor", "memit")),
+            "first_order": empty,
+            "new_target_inner": empty,
+            "whitened_cosine": empty,
+        }
     device = resolve_device(device)
     loaded = load_model(model_path, dtype="float32", device=str(device))
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -131,25 +157,37 @@ def compute_edit_predictors(directory: Path, pieces: list[KnowledgePiece], rippl
     capture = GradientCapture(model, adapter, layers, pad_id, device)
 
     piece_keys_at = [fact_index(tokenizer, p.prompt, p.subject, p.answer, bos, fact_token) for p in pieces]
-    x, d, tokens, keys = capture([(p.prompt_ids, p.answer_ids) for p in pieces], piece_keys_at, batch_size,
-                                 "gradients of the pieces at the edit layers")
+    x, d, tokens, keys = capture(
+        [(p.prompt_ids, p.answer_ids) for p in pieces],
+        piece_keys_at,
+        batch_size,
+        "gradients of the pieces at the edit layers",
+    )
 
     requests = [e["request"] for e in experiments]
     new_clozes, new_keys_at = [], []
     for r in requests:
         span = subject_span(r["prompt"], r["subject"])
-        tokenized = tokenize_with_subject(tokenizer, r["prompt"], span[1], r["target_new"], bos, span[0],
-                                          fact_token) if span else None
+        tokenized = (
+            tokenize_with_subject(tokenizer, r["prompt"], span[1], r["target_new"], bos, span[0], fact_token)
+            if span
+            else None
+        )
         if tokenized is None:
             from lit_coupling.scoring import encode_cloze
+
             new_clozes.append(encode_cloze(tokenizer, r["prompt"], r["target_new"], bos))
             new_keys_at.append(None)
         else:
             new_clozes.append((tokenized.prompt_ids, tokenized.answer_ids))
             new_keys_at.append(tokenized.fact_index)
-    x_new, d_new, tokens_new, keys_new = capture(new_clozes, new_keys_at, batch_size,
-                                                 "gradients of the edits' new targets")
+    x_new, d_new, tokens_new, keys_new = capture(
+        new_clozes, new_keys_at, batch_size, "gradients of the edits' new targets"
+    )
     covariances = _covariances(ripple, layers) if updates.get("editor", "memit") == "memit" else None
+    # Every key whitened once per layer (one Cholesky), not once per edit.
+    white_keys = {layer: whiten(keys[layer], covariances[layer]) for layer in layers} if covariances else None
+    white_new = {layer: whiten(keys_new[layer], covariances[layer]) for layer in layers} if covariances else None
 
     first_order = np.zeros((len(experiments), n))
     new_inner = np.zeros((len(experiments), n))
@@ -165,13 +203,17 @@ def compute_edit_predictors(directory: Path, pieces: list[KnowledgePiece], rippl
             xl, dl = x[layer], d[layer]
             factors = per_layer[layer]
             first_order[e] += low_rank_change(xl, dl, tokens, factors["u"], factors["v"]).double().numpy()
-            new_inner[e] += low_rank_change(xl, dl, tokens, d_new[layer][rows].T,
-                                            x_new[layer][rows].T).double().numpy()
+            new_inner[e] += low_rank_change(xl, dl, tokens, d_new[layer][rows].T, x_new[layer][rows].T).double().numpy()
             if covariances is not None and new_keys_at[e] is not None:
-                white.append(whitened_cosine(keys[layer], keys_new[layer][e], covariances[layer]).numpy())
+                white.append(cosine_to(white_keys[layer], white_new[layer][e]).numpy())
         if white:
             whitened[e] = np.mean(white, axis=0)
-    return {"edit_ids": np.array([int(e["edit_id"]) for e in experiments]),
-            "source_index": np.array([int(e["source_index"]) for e in experiments]),
-            "layers": np.array(layers), "editor": np.array(updates.get("editor", "memit")),
-            "first_order": first_order, "new_target_inner": new_inner, "whitened_cosine": whitened}
+    return {
+        "edit_ids": np.array([int(e["edit_id"]) for e in experiments]),
+        "source_index": np.array([int(e["source_index"]) for e in experiments]),
+        "layers": np.array(layers),
+        "editor": np.array(updates.get("editor", "memit")),
+        "first_order": first_order,
+        "new_target_inner": new_inner,
+        "whitened_cosine": whitened,
+    }

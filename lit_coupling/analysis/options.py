@@ -36,26 +36,40 @@ class AnalysisOptions:
         """Refuse values that would change the verdict silently (run before any stage computes)."""
         from lit_coupling.errors import check_choice, check_float, check_int
 
-        check_float("analysis.confidence", self.confidence, 0, 1, low_open=True, high_open=True,
-                    hint="0.95 is a 95% interval")
-        check_float("analysis.alpha", self.alpha, 0, 1, low_open=True, high_open=True,
-                    hint="0.05 is the usual significance level")
+        check_float(
+            "analysis.confidence", self.confidence, 0, 1, low_open=True, high_open=True, hint="0.95 is a 95% interval"
+        )
+        check_float(
+            "analysis.alpha",
+            self.alpha,
+            0,
+            1,
+            low_open=True,
+            high_open=True,
+            hint="0.05 is the usual significance level",
+        )
         # The smallest permutation p-value is 1/(permutations + 1): below floor(1/alpha) it can never reach alpha,
         # and the verdict could never be "supported" whatever the data say.
         least = max(1, int(1 / self.alpha))
         while 1 / (least + 1) >= self.alpha:
             least += 1
-        check_int("analysis.permutations", self.permutations, least,
-                  hint=f"with fewer, the smallest p-value 1/(permutations+1) cannot fall below --analysis.alpha "
-                       f"{self.alpha}; 1000 is the default")
+        check_int(
+            "analysis.permutations",
+            self.permutations,
+            least,
+            hint=f"with fewer, the smallest p-value 1/(permutations+1) cannot fall below --analysis.alpha "
+            f"{self.alpha}; 1000 is the default",
+        )
         # A percentile interval needs at least one resample in each tail.
         tail = (1 - self.confidence) / 2
-        check_int("analysis.bootstrap", self.bootstrap, max(2, int(-(-1 // tail))),
-                  hint=f"with fewer, a tail of the {self.confidence:.0%} interval holds no resample; "
-                       f"1000 is the default")
+        check_int(
+            "analysis.bootstrap",
+            self.bootstrap,
+            max(2, int(-(-1 // tail))),
+            hint=f"with fewer, a tail of the {self.confidence:.0%} interval holds no resample; 1000 is the default",
+        )
         check_choice("analysis.ripple", self.ripple, RIPPLE_METRICS)
         check_float("analysis.ripple_quantile", self.ripple_quantile, 0, 1, low_open=True, high_open=True)
         check_float("analysis.ripple_threshold", self.ripple_threshold, optional=True)
         check_int("analysis.coupling_bins", self.coupling_bins, 2)
-        check_int("analysis.min_stratum_pairs", self.min_stratum_pairs, 3,
-                  hint="a correlation needs at least 3 pairs")
+        check_int("analysis.min_stratum_pairs", self.min_stratum_pairs, 3, hint="a correlation needs at least 3 pairs")

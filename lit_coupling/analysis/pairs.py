@@ -12,12 +12,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lit_coupling.analysis.predictors import cosine_of_inner, gradient_norms, layer_inner, shared_entity
 from lit_coupling.data.piece import KnowledgePiece, load_pieces
 from lit_coupling.errors import UserError
 from lit_coupling.gradients.cosine import cosine_from_inner, load_layer_inner
-from lit_coupling.analysis.predictors import cosine_of_inner, gradient_norms, layer_inner, shared_entity
-from lit_coupling.outputs import (COUPLING_ANALYSIS, COUPLING_LAYERS, COUPLING_MATRIX, EDIT_PREDICTORS,
-                                  PIECE_HIDDEN, PIECES, RIPPLE, read_json)
+from lit_coupling.outputs import (
+    COUPLING_ANALYSIS,
+    COUPLING_LAYERS,
+    COUPLING_MATRIX,
+    EDIT_PREDICTORS,
+    PIECE_HIDDEN,
+    PIECES,
+    RIPPLE,
+    read_json,
+)
 
 # Which stage writes each file the analysis needs (for the error message when one is missing).
 _WRITTEN_BY = {PIECES: "pieces", COUPLING_MATRIX: "gradsim", RIPPLE: "ripple"}
@@ -83,19 +91,24 @@ def load_run(directory: str | Path) -> RunData:
     directory = Path(directory)
     for name, stage in _WRITTEN_BY.items():
         if not (directory / name).exists():
-            raise UserError(f"{directory / name} is missing: run the {stage} stage first "
-                            f"(lit-coupling run --stages {stage} --output_dir {directory})")
+            raise UserError(
+                f"{directory / name} is missing: run the {stage} stage first "
+                f"(lit-coupling run --stages {stage} --output_dir {directory})"
+            )
     pieces, pieces_meta = load_pieces(directory / PIECES)
     coupling = np.load(directory / COUPLING_MATRIX).astype(np.float64)
     n = len(pieces)
     if coupling.shape != (n, n):
-        raise UserError(f"{directory / COUPLING_MATRIX} is {coupling.shape}, but {PIECES} has {n} pieces: "
-                        "the two files come from different runs")
+        raise UserError(
+            f"{directory / COUPLING_MATRIX} is {coupling.shape}, but {PIECES} has {n} pieces: "
+            "the two files come from different runs"
+        )
     ripple = read_json(directory / RIPPLE)
     ids = ripple.get("piece_ids")
     if ids is not None and list(ids) != [p.id for p in pieces]:
-        raise UserError(f"{directory / RIPPLE} lists other pieces than {PIECES}: the two files come from "
-                        "different runs")
+        raise UserError(
+            f"{directory / RIPPLE} lists other pieces than {PIECES}: the two files come from different runs"
+        )
     info = read_json(directory / COUPLING_ANALYSIS) if (directory / COUPLING_ANALYSIS).exists() else {}
     hidden = np.load(directory / PIECE_HIDDEN) if (directory / PIECE_HIDDEN).exists() else None
     if hidden is not None and len(hidden) != n:
@@ -164,10 +177,15 @@ def known_pieces(ripple: dict, n: int) -> np.ndarray:
     return _as_float(experiments[0]["pieces"].get("tf_em_before"), n) if experiments else np.full(n, np.nan)
 
 
-def build_pair_table(pieces: list[KnowledgePiece], coupling: np.ndarray, ripple: dict,
-                     hidden: np.ndarray | None = None, bos_ids: list[int] | tuple[int, ...] = (),
-                     layers: LayerCoupling | None = None, edit_predictors: dict | None = None
-                     ) -> pd.DataFrame:
+def build_pair_table(
+    pieces: list[KnowledgePiece],
+    coupling: np.ndarray,
+    ripple: dict,
+    hidden: np.ndarray | None = None,
+    bos_ids: list[int] | tuple[int, ...] = (),
+    layers: LayerCoupling | None = None,
+    edit_predictors: dict | None = None,
+) -> pd.DataFrame:
     """One row per (edit i, piece j ≠ i). Edits that did not finish are left out (`usable_experiments`).
 
     Besides GradSim and the ripple, every predictor of `predictors.PREDICTORS` that the inputs allow: from the
@@ -181,8 +199,11 @@ def build_pair_table(pieces: list[KnowledgePiece], coupling: np.ndarray, ripple:
     per_layer = {}
     if layers is not None and edit_layers and set(edit_layers) <= set(layers.layers):
         inner = layer_inner(layers.inner, [layers.layers.index(layer) for layer in edit_layers])
-        per_layer = {"gradsim_edit_layers": cosine_of_inner(inner), "inner_edit_layers": inner,
-                     "grad_norm": gradient_norms(inner)}
+        per_layer = {
+            "gradsim_edit_layers": cosine_of_inner(inner),
+            "inner_edit_layers": inner,
+            "grad_norm": gradient_norms(inner),
+        }
     edit_rows = {}
     if edit_predictors is not None:
         edit_rows = {int(e): k for k, e in enumerate(edit_predictors["edit_ids"])}
@@ -238,8 +259,9 @@ def build_pair_table(pieces: list[KnowledgePiece], coupling: np.ndarray, ripple:
             em_before = _as_float(scores.get(f"{em}_before"), n)
             em_after = _as_float(scores.get(f"{em}_after"), n)
             frame[f"{em}_before"], frame[f"{em}_after"] = em_before[j], em_after[j]
-            changed = np.where(np.isnan(em_before[j]) | np.isnan(em_after[j]), np.nan,
-                               (em_before[j] != em_after[j]).astype(float))
+            changed = np.where(
+                np.isnan(em_before[j]) | np.isnan(em_after[j]), np.nan, (em_before[j] != em_after[j]).astype(float)
+            )
             frame[f"{em}_flip"] = changed
         frames.append(pd.DataFrame(frame))
     if not frames:
@@ -250,20 +272,51 @@ def build_pair_table(pieces: list[KnowledgePiece], coupling: np.ndarray, ripple:
 
 
 PAIR_COLUMNS = [
-    "edit_id", "source_index", "source_piece", "piece_index", "piece_id", "source_kind", "piece_kind",
-    "same_chain", "hop_relation", "gradsim", "abs_gradsim", "gradsim_defined", "logp_before", "logp_after",
-    "delta_logp", "abs_delta_logp", "neg_delta_logp", "relative_delta_logp", "edit_delta_logp",
+    "edit_id",
+    "source_index",
+    "source_piece",
+    "piece_index",
+    "piece_id",
+    "source_kind",
+    "piece_kind",
+    "same_chain",
+    "hop_relation",
+    "gradsim",
+    "abs_gradsim",
+    "gradsim_defined",
+    "logp_before",
+    "logp_after",
+    "delta_logp",
+    "abs_delta_logp",
+    "neg_delta_logp",
+    "relative_delta_logp",
+    "edit_delta_logp",
     "edit_success",
-    "tf_em_before", "tf_em_after", "tf_em_flip", "gen_em_before", "gen_em_after", "gen_em_flip",
-    "token_overlap", "hidden_cosine",
-    "related", "shared_entity", "known", "neg_logp_before", "gradsim_edit_layers", "inner_edit_layers",
-    "grad_norm", "first_order", "new_target_inner", "whitened_cosine",
+    "tf_em_before",
+    "tf_em_after",
+    "tf_em_flip",
+    "gen_em_before",
+    "gen_em_after",
+    "gen_em_flip",
+    "token_overlap",
+    "hidden_cosine",
+    "related",
+    "shared_entity",
+    "known",
+    "neg_logp_before",
+    "gradsim_edit_layers",
+    "inner_edit_layers",
+    "grad_norm",
+    "first_order",
+    "new_target_inner",
+    "whitened_cosine",
 ]
 
 
 def pair_table(run: RunData) -> pd.DataFrame:
-    return build_pair_table(run.pieces, run.coupling, run.ripple, run.hidden, run.bos_ids, run.layers,
-                            run.edit_predictors)
+    return build_pair_table(
+        run.pieces, run.coupling, run.ripple, run.hidden, run.bos_ids, run.layers, run.edit_predictors
+    )
 
 
 def describe_run(run: RunData) -> dict:
@@ -297,10 +350,10 @@ def describe_run(run: RunData) -> dict:
         "memit_hparams": run.ripple.get("hparams") or {},
         "covariance": run.ripple.get("covariance") or {},
         "deviations": run.ripple.get("deviations"),  # None: a ripple stage that did not record them
+        "layer_choice": run.ripple.get("layer_choice"),  # --memit.layers traced: why these edit layers
         "edits_total": len(run.ripple.get("experiments", [])),
         "edits_skipped": skipped,
-        "efficacy": {"ok": len(experiments),
-                     "success": sum(map(bool, reported)) if reported else None},
+        "efficacy": {"ok": len(experiments), "success": sum(map(bool, reported)) if reported else None},
         "known_fraction": known,
         "editor": run.editor,
         "finetune": run.ripple.get("finetune"),

@@ -28,8 +28,9 @@ def chain_order(pieces: Sequence[KnowledgePiece]) -> list[int]:
     for index, piece in enumerate(pieces):
         first_seen.setdefault(piece.chain_id, index)
     kind_rank = {kind: r for r, kind in enumerate(KINDS)}
-    return sorted(range(len(pieces)), key=lambda k: (first_seen[pieces[k].chain_id],
-                                                      kind_rank.get(pieces[k].kind, len(KINDS)), k))
+    return sorted(
+        range(len(pieces)), key=lambda k: (first_seen[pieces[k].chain_id], kind_rank.get(pieces[k].kind, len(KINDS)), k)
+    )
 
 
 def _interval(ci) -> str:
@@ -96,8 +97,15 @@ def _hist_same_other(ax, values: np.ndarray, same: np.ndarray, bins, log: bool =
         v = v[np.isfinite(v)]
         if len(v):
             centre = np.median(v) if log else np.mean(v)
-            ax.hist(v, bins=bins, weights=np.full(len(v), 1 / len(v)), histtype="stepfilled", alpha=0.35,
-                    color=colour, label=f"{label} (n={len(v)}, {'median' if log else 'mean'} {centre:.3g})")
+            ax.hist(
+                v,
+                bins=bins,
+                weights=np.full(len(v), 1 / len(v)),
+                histtype="stepfilled",
+                alpha=0.35,
+                color=colour,
+                label=f"{label} (n={len(v)}, {'median' if log else 'mean'} {centre:.3g})",
+            )
             ax.axvline(centre, color=colour, linestyle="--", linewidth=1)
     ax.set_ylabel("fraction of pairs")
     ax.legend(fontsize=7)
@@ -110,8 +118,7 @@ def _bins(values: np.ndarray, log: bool, count: int = 40):
     return np.linspace(values.min(), values.max(), count) if np.ptp(values) > 0 else count
 
 
-def no_ripple_figure(coupling: np.ndarray, pieces: Sequence[KnowledgePiece], reason: str,
-                     title: str = "") -> Figure:
+def no_ripple_figure(coupling: np.ndarray, pieces: Sequence[KnowledgePiece], reason: str, title: str = "") -> Figure:
     """The analysis figure of a run without usable (edit, piece) pairs: the coupling distribution, and why the
     ripple panels are empty (so the run still shows what it measured, and says what to change)."""
     fig = Figure(figsize=(14, 5.5))
@@ -129,14 +136,14 @@ def no_ripple_figure(coupling: np.ndarray, pieces: Sequence[KnowledgePiece], rea
     return fig
 
 
-def comprehensive_figure(table: pd.DataFrame, coupling: np.ndarray, pieces: Sequence[KnowledgePiece],
-                         result: dict, title: str = "") -> Figure:
+def comprehensive_figure(
+    table: pd.DataFrame, coupling: np.ndarray, pieces: Sequence[KnowledgePiece], result: dict, title: str = ""
+) -> Figure:
     """The six panels of mission.md: coupling distribution, ripple distribution, GradSim vs ripple with fit,
     per-edit correlations, high vs low coupling groups, EM change by coupling bin."""
     settings = result["settings"]
     metric = settings["ripple"]
-    pairs = table[table["gradsim_defined"].astype(bool) & np.isfinite(table["gradsim"])
-                  & np.isfinite(table[metric])]
+    pairs = table[table["gradsim_defined"].astype(bool) & np.isfinite(table["gradsim"]) & np.isfinite(table[metric])]
     x, y = pairs["gradsim"].to_numpy(float), pairs[metric].to_numpy(float)
     same = pairs["same_chain"].astype(bool).to_numpy()
     log_y = _positive_spread(y)
@@ -172,8 +179,13 @@ def comprehensive_figure(table: pd.DataFrame, coupling: np.ndarray, pieces: Sequ
         slope, intercept = np.polyfit(x, target, 1)
         grid = np.linspace(x.min(), x.max(), 50)
         fit = slope * grid + intercept
-        ax.plot(grid, np.exp(fit) if log_y else fit, color="black", linewidth=1.5,
-                label="least-squares fit" + (" (log ripple)" if log_y else ""))
+        ax.plot(
+            grid,
+            np.exp(fit) if log_y else fit,
+            color="black",
+            linewidth=1.5,
+            label="least-squares fit" + (" (log ripple)" if log_y else ""),
+        )
     if log_y:
         ax.set_yscale("log")
     h = result.get("headline", {})
@@ -181,13 +193,22 @@ def comprehensive_figure(table: pd.DataFrame, coupling: np.ndarray, pieces: Sequ
         lines = []
         for entry in (h, result.get("all_pairs")):
             if entry:
-                lines.append(f"{entry.get('stratum', '')}: |GradSim| vs |ΔlogP| ρ = "
-                             f"{short(entry['spearman']['value'])} {_interval(entry['spearman'].get('ci'))}; "
-                             f"signed ρ = {short(entry['signed']['spearman']['value'])}")
+                lines.append(
+                    f"{entry.get('stratum', '')}: |GradSim| vs |ΔlogP| ρ = "
+                    f"{short(entry['spearman']['value'])} {_interval(entry['spearman'].get('ci'))}; "
+                    f"signed ρ = {short(entry['signed']['spearman']['value'])}"
+                )
         perm = (result.get("all_pairs") or {}).get("permutation") or {}
         text = "\n".join(lines) + f"\nall pairs: two-way permutation {p_text(perm.get('p'))}"
-        ax.text(0.02, 0.98, text, transform=ax.transAxes, va="top", fontsize=8,
-                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+        ax.text(
+            0.02,
+            0.98,
+            text,
+            transform=ax.transAxes,
+            va="top",
+            fontsize=8,
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+        )
     ax.set_title("3. GradSim vs ripple (95% CIs: two-way bootstrap, edits × pieces)")
     ax.set_xlabel("GradSim(edited piece, piece)")
     ax.set_ylabel(ripple_label)
@@ -203,15 +224,21 @@ def comprehensive_figure(table: pd.DataFrame, coupling: np.ndarray, pieces: Sequ
         ax.barh(range(len(edits)), values, color=colours)
         if len(edits) <= 30:
             # Edit number, what was edited, and the start of its record id (ids can be long hashes).
-            labels = [f"{e['edit_id']} · {e['source_kind']} · {str(e['source_piece']).split('/')[0][:10]}"
-                      for e in edits]
+            labels = [
+                f"{e['edit_id']} · {e['source_kind']} · {str(e['source_piece']).split('/')[0][:10]}" for e in edits
+            ]
             ax.set_yticks(range(len(edits)), labels, fontsize=6)
         else:
             ax.set_yticks([])
         ax.axvline(0, color="black", linewidth=0.8)
         if h and h["spearman"]["value"] is not None:
-            ax.axvline(h["spearman"]["value"], color="black", linestyle="--", linewidth=1,
-                       label=f"pooled ρ = {short(h['spearman']['value'])}")
+            ax.axvline(
+                h["spearman"]["value"],
+                color="black",
+                linestyle="--",
+                linewidth=1,
+                label=f"pooled ρ = {short(h['spearman']['value'])}",
+            )
         ax.legend(fontsize=7, title="grey bars: edit failed (efficacy)", title_fontsize=6)
     ax.set_title("4. Per-edit Spearman(GradSim, ripple)")
     ax.set_xlabel("Spearman ρ over the pieces of one edit")
@@ -221,17 +248,30 @@ def comprehensive_figure(table: pd.DataFrame, coupling: np.ndarray, pieces: Sequ
     ax = axes[1, 1]
     low, high = np.quantile(x, [0.25, 0.75]) if len(x) else (np.nan, np.nan)
     groups = [y[x <= low], y[(x > low) & (x < high)], y[x >= high]]
-    ax.boxplot(groups, tick_labels=[f"bottom 25%\n(≤ {low:.2f})", "middle 50%", f"top 25%\n(≥ {high:.2f})"],
-               showfliers=True, flierprops={"markersize": 2})
+    ax.boxplot(
+        groups,
+        tick_labels=[f"bottom 25%\n(≤ {low:.2f})", "middle 50%", f"top 25%\n(≥ {high:.2f})"],
+        showfliers=True,
+        flierprops={"markersize": 2},
+    )
     if log_y:
         ax.set_yscale("log")
     g = result.get("coupling_groups", {})
     if g.get("cliffs_delta") is not None:
-        text = (f"top vs bottom: Cliff's δ = {short(g['cliffs_delta'])} {_interval(g['cliffs_delta_ci'])}\n"
-                f"P(top ripples more) = {short(g['prob_superiority'])}\n"
-                f"n = {g['n'][0]} vs {g['n'][1]} pairs")
-        ax.text(0.02, 0.98, text, transform=ax.transAxes, va="top", fontsize=8,
-                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+        text = (
+            f"top vs bottom: Cliff's δ = {short(g['cliffs_delta'])} {_interval(g['cliffs_delta_ci'])}\n"
+            f"P(top ripples more) = {short(g['prob_superiority'])}\n"
+            f"n = {g['n'][0]} vs {g['n'][1]} pairs"
+        )
+        ax.text(
+            0.02,
+            0.98,
+            text,
+            transform=ax.transAxes,
+            va="top",
+            fontsize=8,
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+        )
     ax.set_title("5. Ripple by coupling group")
     ax.set_ylabel(ripple_label)
 
@@ -243,19 +283,29 @@ def comprehensive_figure(table: pd.DataFrame, coupling: np.ndarray, pieces: Sequ
         which = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(edges) - 2)
         width = 0.38
         measured = changed = 0
-        for offset, column, colour, label in ((-width / 2, "tf_em_flip", "#2c7fb8", "teacher-forced EM"),
-                                              (width / 2, "gen_em_flip", "#f39c12", "generated EM")):
+        for offset, column, colour, label in (
+            (-width / 2, "tf_em_flip", "#2c7fb8", "teacher-forced EM"),
+            (width / 2, "gen_em_flip", "#f39c12", "generated EM"),
+        ):
             flips = pairs[column].to_numpy(float)
-            rates = [np.nanmean(flips[which == b]) if np.isfinite(flips[which == b]).any() else np.nan
-                     for b in range(len(edges) - 1)]
+            rates = [
+                np.nanmean(flips[which == b]) if np.isfinite(flips[which == b]).any() else np.nan
+                for b in range(len(edges) - 1)
+            ]
             ax.bar(np.arange(len(rates)) + offset, rates, width=width, color=colour, label=label)
             measured += int(np.isfinite(flips).sum())
             changed += int(np.nansum(flips))
         if not changed:  # an empty panel should say why
-            ax.text(0.5, 0.5, "no piece's EM changed under any edit" if measured else "EM not measured",
-                    transform=ax.transAxes, ha="center", fontsize=9, color="#555555")
-        labels = [f"{edges[b]:.2f}…{edges[b + 1]:.2f}\nn={int(np.sum(which == b))}"
-                  for b in range(len(edges) - 1)]
+            ax.text(
+                0.5,
+                0.5,
+                "no piece's EM changed under any edit" if measured else "EM not measured",
+                transform=ax.transAxes,
+                ha="center",
+                fontsize=9,
+                color="#555555",
+            )
+        labels = [f"{edges[b]:.2f}…{edges[b + 1]:.2f}\nn={int(np.sum(which == b))}" for b in range(len(edges) - 1)]
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
         ax.legend(fontsize=7)
     ax.set_title("6. EM change by coupling bin")
@@ -264,21 +314,27 @@ def comprehensive_figure(table: pd.DataFrame, coupling: np.ndarray, pieces: Sequ
     ax.set_ylim(0, 1)
 
     verdict = result.get("verdict", {})
-    fig.suptitle((title + " — " if title else "") + f"verdict: {verdict.get('conclusion', 'n/a')} "
-                 f"({verdict.get('strength', 'n/a')})", fontsize=13)
+    fig.suptitle(
+        (title + " — " if title else "") + f"verdict: {verdict.get('conclusion', 'n/a')} "
+        f"({verdict.get('strength', 'n/a')})",
+        fontsize=13,
+    )
     fig.tight_layout()
     return fig
 
 
-def layer_figure(by_layer: list[dict], headline_spearman: float | None, edit_layers: Sequence[int] = (),
-                 title: str = "") -> Figure:
+def layer_figure(
+    by_layer: list[dict], headline_spearman: float | None, edit_layers: Sequence[int] = (), title: str = ""
+) -> Figure:
     """Coupling per layer (same chain vs other chains) and how well each layer's GradSim tracks the ripple."""
     layers = [row["layer"] for row in by_layer]
     fig = Figure(figsize=(13, 4.8))
     left, right = fig.subplots(1, 2)
-    for key, colour, label in (("mean_gradsim_same_chain", SAME, "same chain"),
-                               ("mean_gradsim_other_chains", OTHER, "other chains"),
-                               ("mean_gradsim", "black", "all pairs")):
+    for key, colour, label in (
+        ("mean_gradsim_same_chain", SAME, "same chain"),
+        ("mean_gradsim_other_chains", OTHER, "other chains"),
+        ("mean_gradsim", "black", "all pairs"),
+    ):
         values = [np.nan if row.get(key) is None else row[key] for row in by_layer]
         left.plot(layers, values, marker="o", color=colour, label=label)
     left.axhline(0, color="black", linewidth=0.5)
@@ -317,8 +373,15 @@ def comparison_figure(runs: list[dict]) -> Figure:
     shared_bins = _bins(np.concatenate([run["coupling"] for run in runs]), False)
     for run, colour in zip(runs, colours):
         values = run["coupling"]
-        ax.hist(values, bins=shared_bins, weights=np.full(len(values), 1 / len(values)), histtype="step",
-                linewidth=1.5, color=colour, label=f"{run['label']} (median {np.median(values):.3f})")
+        ax.hist(
+            values,
+            bins=shared_bins,
+            weights=np.full(len(values), 1 / len(values)),
+            histtype="step",
+            linewidth=1.5,
+            color=colour,
+            label=f"{run['label']} (median {np.median(values):.3f})",
+        )
     ax.set_title("Coupling distributions (off-diagonal GradSim)")
     ax.set_xlabel("GradSim")
     ax.set_ylabel("fraction of piece pairs")
@@ -329,9 +392,15 @@ def comparison_figure(runs: list[dict]) -> Figure:
     everything = np.concatenate([run["ripple"] for run in runs])
     for run, colour in zip(runs, colours):
         values = run["ripple"]
-        ax.hist(values, bins=_bins(everything, log), weights=np.full(len(values), 1 / max(len(values), 1)),
-                histtype="step", linewidth=1.5, color=colour,
-                label=f"{run['label']} (median {np.median(values):.3g})")
+        ax.hist(
+            values,
+            bins=_bins(everything, log),
+            weights=np.full(len(values), 1 / max(len(values), 1)),
+            histtype="step",
+            linewidth=1.5,
+            color=colour,
+            label=f"{run['label']} (median {np.median(values):.3g})",
+        )
     if log:
         ax.set_xscale("log")
     ax.set_title("Ripple distributions")
@@ -350,8 +419,15 @@ def comparison_figure(runs: list[dict]) -> Figure:
                 continue
             position = m + (k - (len(runs) - 1) / 2) * 0.8 / max(len(runs), 1)
             low, high = (ci[0] if ci[0] is not None else value), (ci[1] if ci[1] is not None else value)
-            ax.errorbar(position, value, yerr=[[value - low], [high - value]], fmt="o", color=colour,
-                        capsize=4, label=run["label"] if m == 0 else None)
+            ax.errorbar(
+                position,
+                value,
+                yerr=[[value - low], [high - value]],
+                fmt="o",
+                color=colour,
+                capsize=4,
+                label=run["label"] if m == 0 else None,
+            )
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks(range(len(names)), ["Spearman ρ", "Pearson r", "Kendall τ"])
     ax.set_ylabel("correlation of GradSim with ripple (95% CI)")
@@ -359,18 +435,24 @@ def comparison_figure(runs: list[dict]) -> Figure:
     ax.legend(fontsize=8)
 
     ax = axes[1, 1]
-    per_edit = [[e["spearman"] for e in run["analysis"].get("per_edit", {}).get("edits", [])
-                 if e["spearman"] is not None] for run in runs]
+    per_edit = [
+        [e["spearman"] for e in run["analysis"].get("per_edit", {}).get("edits", []) if e["spearman"] is not None]
+        for run in runs
+    ]
     ax.boxplot([values or [np.nan] for values in per_edit], tick_labels=[run["label"] for run in runs])
     for k, values in enumerate(per_edit):
-        ax.scatter(np.full(len(values), k + 1) + np.linspace(-0.08, 0.08, len(values)), values, s=10,
-                   color=colours[k], zorder=3)
+        ax.scatter(
+            np.full(len(values), k + 1) + np.linspace(-0.08, 0.08, len(values)),
+            values,
+            s=10,
+            color=colours[k],
+            zorder=3,
+        )
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_ylabel("per-edit Spearman ρ")
     ax.set_title("Per-edit correlations")
     fig.tight_layout()
     return fig
-
 
 
 def predictor_figure(ptable: dict, title: str = "") -> Figure:
@@ -395,8 +477,15 @@ def predictor_figure(ptable: dict, title: str = "") -> Figure:
             highs.append(ci[1] - row["rho"] if ci[1] is not None else 0)
         if xs:
             entry = strata.get(stratum, {})
-            ax.errorbar(xs, ys, xerr=[lows, highs], fmt="o", color=colour, capsize=3,
-                        label=f"{entry.get('label', stratum)} (n = {entry.get('n')})")
+            ax.errorbar(
+                xs,
+                ys,
+                xerr=[lows, highs],
+                fmt="o",
+                color=colour,
+                capsize=3,
+                label=f"{entry.get('label', stratum)} (n = {entry.get('n')})",
+            )
     labels = [ptable["predictors"][name]["label"] for name in names[::-1]]
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.axvline(0, color="black", linewidth=0.8)

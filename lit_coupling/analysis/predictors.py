@@ -57,20 +57,30 @@ def factors_norm(u: Tensor, v: Tensor) -> Tensor:
     return torch.sqrt(torch.clamp(((u.T @ u) * (v.T @ v)).sum(), min=0))
 
 
+def whiten(keys: Tensor, cov: Tensor) -> Tensor:
+    """L⁻¹k for each row k of `keys` (n, d_in), with C = L Lᵀ (Cholesky): inner products of whitened keys are
+    kᵀC⁻¹k'. float64. Whiten every key of a layer once; each edit then costs one matrix-vector product."""
+    cov = cov.to(torch.float64)
+    chol = torch.linalg.cholesky(cov)
+    return torch.linalg.solve_triangular(chol, keys.to(cov).T, upper=False).T
+
+
+def cosine_to(white: Tensor, white_edit: Tensor) -> Tensor:
+    """cos(white_j, white_edit) for each row j; 0 where a key is 0."""
+    norms = white.norm(dim=1)
+    dots = white @ white_edit
+    denom = norms * white_edit.norm()
+    return torch.where(denom > 0, dots / torch.where(denom > 0, denom, 1.0), torch.zeros_like(dots))
+
+
 def whitened_cosine(keys: Tensor, edit_key: Tensor, cov: Tensor) -> Tensor:
     """cos of C^{-1/2}k_j and C^{-1/2}k_i for each row k_j of `keys` (n, d_in): k_iᵀC⁻¹k_j / (‖k_i‖_C⁻¹ ‖k_j‖_C⁻¹).
 
     MEMIT moves a key k by ΔW k = R·[(λC + k_i k_iᵀ)⁻¹k_i]ᵀk, and (λC + k_i k_iᵀ)⁻¹k_i ∝ C⁻¹k_i: the edit reaches
     the keys that are close to the edited key in the metric of the key covariance, not in the Euclidean one.
     float64; 0 where a key is 0."""
-    cov = cov.to(torch.float64)
-    chol = torch.linalg.cholesky(cov)
-    # C^{-1/2}-style whitening with the Cholesky factor: L⁻¹k, whose inner products are kᵀC⁻¹k'.
-    white = torch.linalg.solve_triangular(chol, torch.cat([edit_key[None], keys]).to(cov).T, upper=False).T
-    norms = white.norm(dim=1)
-    dots = white[1:] @ white[0]
-    denom = norms[1:] * norms[0]
-    return torch.where(denom > 0, dots / torch.where(denom > 0, denom, 1.0), torch.zeros_like(dots))
+    white = whiten(torch.cat([edit_key[None], keys]), cov)
+    return cosine_to(white[1:], white[0])
 
 
 def layer_inner(inner: np.ndarray, indices: Sequence[int]) -> np.ndarray:

@@ -26,12 +26,38 @@ from lit_coupling.errors import UserError
 
 # Wikidata relations of CounterFact → the type their objects share (the rest are named by their id).
 RELATION_TYPES = {
-    "P103": "language", "P37": "language", "P364": "language", "P1412": "language", "P27": "country",
-    "P17": "country", "P495": "country", "P19": "city", "P20": "city", "P159": "city", "P937": "city",
-    "P36": "city", "P740": "city", "P190": "city", "P30": "continent", "P140": "religion", "P106": "occupation",
-    "P101": "field of work", "P641": "sport", "P413": "position", "P39": "position", "P176": "company",
-    "P178": "company", "P127": "company", "P108": "company", "P449": "network", "P264": "record label",
-    "P136": "genre", "P1303": "instrument", "P463": "organisation", "P138": "person", "P1050": "condition",
+    "P103": "language",
+    "P37": "language",
+    "P364": "language",
+    "P1412": "language",
+    "P27": "country",
+    "P17": "country",
+    "P495": "country",
+    "P19": "city",
+    "P20": "city",
+    "P159": "city",
+    "P937": "city",
+    "P36": "city",
+    "P740": "city",
+    "P190": "city",
+    "P30": "continent",
+    "P140": "religion",
+    "P106": "occupation",
+    "P101": "field of work",
+    "P641": "sport",
+    "P413": "position",
+    "P39": "position",
+    "P176": "company",
+    "P178": "company",
+    "P127": "company",
+    "P108": "company",
+    "P449": "network",
+    "P264": "record label",
+    "P136": "genre",
+    "P1303": "instrument",
+    "P463": "organisation",
+    "P138": "person",
+    "P1050": "condition",
 }
 
 
@@ -53,22 +79,36 @@ class CounterFactCase:
 
     def answer_type(self) -> tuple[str, str]:
         """(type, evidence): the relation's object type, else the answer's shape or lexicon class."""
-        from lit_coupling.editing.answer_types import lexicon_type, shape_type
-
         if self.relation_id in RELATION_TYPES:
             return RELATION_TYPES[self.relation_id], f"CounterFact relation {self.relation_id}"
-        kind = shape_type(self.target_true) or lexicon_type(self.target_true, self.prompt)
+        kind = self._lexicon_type(self.target_true)
         if kind:
-            return kind, "shape or lexicon of the true answer"
+            return kind, "shape or lexicon of the true answer" + (
+                " and of the new one" if self._lexicon_type(self.target_new) == kind else ""
+            )
         if self.relation_id:
             return f"relation {self.relation_id}", "CounterFact relation (objects of one relation)"
         return "relation (CounterFact)", "CounterFact's target_new is an object of the same relation"
 
+    def _lexicon_type(self, answer: str) -> str | None:
+        from lit_coupling.data.answer_types import lexicon_type, shape_type
+
+        return shape_type(answer) or lexicon_type(answer, self.prompt)
+
+    def type_mismatch(self) -> bool:
+        """CounterFact's new object is of another type than the true one, where the data's lexicons type both
+        (the flat cases hold "Iran → Airbus", "Massachusetts → Dublin"): not a counterfactual of the same type."""
+        true, new = self._lexicon_type(self.target_true), self._lexicon_type(self.target_new)
+        return true is not None and new is not None and true != new
+
     def probes(self) -> dict:
-        return {"case_id": self.case_id, "relation_id": self.relation_id,
-                "paraphrase_prompts": list(self.paraphrase_prompts),
-                "neighborhood_prompts": list(self.neighborhood_prompts),
-                "neighborhood_true": self.neighborhood_true}
+        return {
+            "case_id": self.case_id,
+            "relation_id": self.relation_id,
+            "paraphrase_prompts": list(self.paraphrase_prompts),
+            "neighborhood_prompts": list(self.neighborhood_prompts),
+            "neighborhood_true": self.neighborhood_true,
+        }
 
 
 def _text(record: dict, key: str, where: str, value: Any = None) -> str:
@@ -105,26 +145,39 @@ def parse_case(record: Any, index: int, path: str = "<records>") -> CounterFactC
         subject = _text(rewrite, "subject", where)
         template = _text(rewrite, "prompt", where)
         if "{}" not in template:
-            raise CounterFactDataError(f"{where}: requested_rewrite.prompt {template!r} has no '{{}}' for the "
-                                       f"subject")
+            raise CounterFactDataError(f"{where}: requested_rewrite.prompt {template!r} has no '{{}}' for the subject")
         true = _text(rewrite, "target_true", where)
         return CounterFactCase(
-            case_id, template.replace("{}", subject), subject, true, _text(rewrite, "target_new", where),
+            case_id,
+            template.replace("{}", subject),
+            subject,
+            true,
+            _text(rewrite, "target_new", where),
             str(rewrite.get("relation_id", "") or ""),
             _prompts(record.get("paraphrase_prompts"), "paraphrase_prompts", where),
-            _prompts(record.get("neighborhood_prompts"), "neighborhood_prompts", where), true)
+            _prompts(record.get("neighborhood_prompts"), "neighborhood_prompts", where),
+            true,
+        )
     if "prompt" in record and "target_new" in record:  # the flat schema
         subject, prompt = _text(record, "subject", where), _text(record, "prompt", where)
         if "{}" in prompt:
             prompt = prompt.replace("{}", subject)
         neighbours = _prompts(record.get("locality_prompt"), "locality_prompt", where)
         return CounterFactCase(
-            case_id, prompt, subject, _text(record, "ground_truth", where), _text(record, "target_new", where),
+            case_id,
+            prompt,
+            subject,
+            _text(record, "ground_truth", where),
+            _text(record, "target_new", where),
             str(record.get("relation_id", "") or ""),
-            _prompts(record.get("rephrase_prompt"), "rephrase_prompt", where), neighbours,
-            _text(record, "locality_ground_truth", where) if neighbours else "")
-    raise CounterFactDataError(f"{where}: neither CounterFact schema: expected 'requested_rewrite' (the original) "
-                               f"or 'prompt' + 'target_new' (the flat one), found fields {sorted(record)[:8]}")
+            _prompts(record.get("rephrase_prompt"), "rephrase_prompt", where),
+            neighbours,
+            _text(record, "locality_ground_truth", where) if neighbours else "",
+        )
+    raise CounterFactDataError(
+        f"{where}: neither CounterFact schema: expected 'requested_rewrite' (the original) "
+        f"or 'prompt' + 'target_new' (the flat one), found fields {sorted(record)[:8]}"
+    )
 
 
 def parse_counterfact(records: Sequence[Any], path: str = "<records>") -> list[CounterFactCase]:

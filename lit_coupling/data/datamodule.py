@@ -2,6 +2,7 @@
 
 `PiecesDataModule`: every batch carries `index`, the pieces' positions in `knowledge_pieces.json`, so per-rank
 predictions under DDP (whose predict sampler neither shuffles nor pads) can be put back in piece order.
+`EditRequestDataModule`: the edit requests for `predict` (the MEMIT ripple), planned by the module.
 `FactsDataModule`: the facts of a HotpotQA file or synthetic world as training text (knowledge injection), and its
 pieces for measuring recall; the tokenizer comes from the model being trained (`connect`).
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
 from lit_coupling.data.facts import DEFAULT_PREFIXES, FactText, fact_texts
@@ -82,9 +84,13 @@ class PiecesDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(PieceDataset(self.pieces, by_length=self.hparams.sort_by_length),
-                          batch_size=self.hparams.batch_size, shuffle=False, collate_fn=PieceCollator(self.pad_id),
-                          num_workers=self.hparams.num_workers)
+        return DataLoader(
+            PieceDataset(self.pieces, by_length=self.hparams.sort_by_length),
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            collate_fn=PieceCollator(self.pad_id),
+            num_workers=self.hparams.num_workers,
+        )
 
 
 class FactExamples(Dataset):
@@ -111,8 +117,9 @@ class FactExamples(Dataset):
         return self.examples[i]
 
 
-def subject_locality_mask(lengths: Sequence[int], subjects: Sequence[tuple[int, int] | None],
-                          width: int) -> torch.Tensor:
+def subject_locality_mask(
+    lengths: Sequence[int], subjects: Sequence[tuple[int, int] | None], width: int
+) -> torch.Tensor:
     """(B, 1, T, T) boolean attention mask: causal, no padding, and the tokens after a subject see it only
     through its last token.
 
@@ -126,7 +133,7 @@ def subject_locality_mask(lengths: Sequence[int], subjects: Sequence[tuple[int, 
         mask[row, :, length:] = False
         if span is not None and span[1] > span[0]:
             first, last = span
-            mask[row, last + 1:, first:last] = False
+            mask[row, last + 1 :, first:last] = False
     return mask[:, None]
 
 
@@ -140,24 +147,35 @@ class FactCollator:
         self.pad_id, self.subject_locality = pad_id, subject_locality
 
     def __call__(self, examples: list[tuple[list[int], tuple[int, int] | None]]) -> dict[str, torch.Tensor]:
-        width = max(len(ids) for ids, _ in examples)
-        input_ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, (ids, _) in enumerate(examples):
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "labels": input_ids.masked_fill(attention_mask == 0, -100)}
+        rows = [torch.tensor(ids, dtype=torch.long) for ids, _ in examples]
+        input_ids = pad_sequence(rows, batch_first=True, padding_value=self.pad_id)
+        attention_mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+        width = input_ids.shape[1]
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(attention_mask == 0, -100),
+        }
         if self.subject_locality:
-            batch["attention_mask"] = subject_locality_mask([len(ids) for ids, _ in examples],
-                                                            [span for _, span in examples], width)
+            batch["attention_mask"] = subject_locality_mask(
+                [len(ids) for ids, _ in examples], [span for _, span in examples], width
+            )
         return batch
 
 
 class FactsDataModule(LightningDataModule):
-    def __init__(self, hotpot_data: str | None = None, max_samples: int | None = None,
-                 prefixes: list[str] | None = None, questions: bool = True, bare: bool = False,
-                 subject_locality: bool = False, batch_size: int = 32, num_workers: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        hotpot_data: str | None = None,
+        max_samples: int | None = None,
+        prefixes: list[str] | None = None,
+        questions: bool = True,
+        bare: bool = False,
+        subject_locality: bool = False,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
         """
         Args:
             hotpot_data: HotpotQA file (JSON, JSON Lines, hub schema), 'real-sample', or None for the default
@@ -191,8 +209,7 @@ class FactsDataModule(LightningDataModule):
 
         dataset, self.source = open_hotpot_data(self.hparams.hotpot_data, self.hparams.max_samples)
         self.pieces = extract_pieces(dataset).pieces
-        self.facts = fact_texts(self.pieces, load_truth(self.source["path"]), self.hparams.questions,
-                                self.hparams.bare)
+        self.facts = fact_texts(self.pieces, load_truth(self.source["path"]), self.hparams.questions, self.hparams.bare)
         if not self.facts:
             from lit_coupling.errors import UserError
 
@@ -215,9 +232,78 @@ class FactsDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.examples is None:
-            raise RuntimeError("FactsDataModule.connect(tokenizer, bos_ids) must run before training "
-                               "(InjectionModule does it in setup)")
+            raise RuntimeError(
+                "FactsDataModule.connect(tokenizer, bos_ids) must run before training "
+                "(InjectionModule does it in setup)"
+            )
         generator = torch.Generator().manual_seed(self.hparams.seed)
         collate = FactCollator(self.tokenizer.pad_token_id, self.hparams.subject_locality)
-        return DataLoader(self.examples, batch_size=self.hparams.batch_size, shuffle=True, generator=generator,
-                          collate_fn=collate, num_workers=self.hparams.num_workers)
+        return DataLoader(
+            self.examples,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=collate,
+            num_workers=self.hparams.num_workers,
+        )
+
+
+def _single(items: list) -> object:
+    return items[0]
+
+
+class EditRequestDataModule(LightningDataModule):
+    def __init__(
+        self,
+        pieces_path: str,
+        max_experiments: int = 10,
+        seed: int = 0,
+        edit_source: str = "pieces",
+        batch_size_edits: int = 1,
+    ):
+        """
+        Args:
+            pieces_path: knowledge_pieces.json (or the run directory holding it), tokenised for the model.
+            max_experiments: number of edits (source pieces, drawn seeded from the single-fact pieces).
+            seed: seeds the choice of sources and their counterfactual answers.
+            edit_source: pieces (the single-fact pieces, each with a same-type counterfactual), or
+                counterfact:PATH (CounterFact's requested rewrites; the pieces are then the ripple's targets).
+            batch_size_edits: requests per predict step, made as one MEMIT edit (1: one edit per request).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if edit_source != "pieces" and not (edit_source.startswith("counterfact:") and len(edit_source) > 12):
+            from lit_coupling.errors import UserError
+
+            raise UserError(
+                f"edit_source must be pieces or counterfact:PATH (a CounterFact JSON file), not {edit_source!r}"
+            )
+        self.pieces: list[KnowledgePiece] = []
+        self.meta: dict = {}
+        self.cases: list = []  # CounterFactCase, when the edits come from CounterFact
+        self.plan = None  # editing.requests.RequestPlan, made by the module (it knows what the model knows)
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.pieces:
+            self.pieces, self.meta = load_pieces(Path(self.hparams.pieces_path))
+            source = self.hparams.edit_source
+            if source.startswith("counterfact:"):
+                from lit_coupling.data.counterfact import read_counterfact
+
+                self.cases = read_counterfact(source.removeprefix("counterfact:"))
+
+    def predict_dataloader(self) -> DataLoader:
+        """The edit requests. The module plans them (`MemitModule.plan_edits`: the sources its model knows): the
+        datamodule is asked for its dataloader after the model is loaded and before any predict hook runs."""
+        self.setup()
+        if self.plan is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            if not hasattr(module, "plan_edits"):
+                from lit_coupling.errors import UserError
+
+                raise UserError("EditRequestDataModule serves the edits a MemitModule plans: predict with one")
+            self.plan = module.plan_edits(self)
+        edits = int(self.hparams.batch_size_edits)
+        if edits > 1:  # B requests per step, made as one MEMIT edit
+            return DataLoader(self.plan.requests, batch_size=edits, shuffle=False, collate_fn=list)
+        return DataLoader(self.plan.requests, batch_size=1, shuffle=False, collate_fn=_single)

@@ -39,8 +39,9 @@ class FactText:
         return f"{prefix} {self.prompt}" if prefix else self.prompt
 
 
-def fact_texts(pieces: Sequence[KnowledgePiece], truth: dict | None = None, questions: bool = True,
-               bare: bool = True) -> list[FactText]:
+def fact_texts(
+    pieces: Sequence[KnowledgePiece], truth: dict | None = None, questions: bool = True, bare: bool = True
+) -> list[FactText]:
     """Every fact once per wording, in a fixed order, without duplicates.
 
     With a world's ground truth: each fact in every template of its relation (the pieces' own sentences are among
@@ -54,14 +55,15 @@ def fact_texts(pieces: Sequence[KnowledgePiece], truth: dict | None = None, ques
             facts.append((fact["subject"], fact["object"]))
             for template in truth["relations"][fact["relation"]]["templates"]:
                 before, after = template.split("{o}")
-                texts.append(FactText(before.format(s=fact["subject"]).rstrip(), fact["object"], after,
-                                      fact["subject"]))
+                texts.append(
+                    FactText(before.format(s=fact["subject"]).rstrip(), fact["object"], after, fact["subject"])
+                )
     else:
         for piece in pieces:
             if piece.is_single_hop:
                 facts.append((piece.subject, piece.answer))
                 said = cloze_text(piece.prompt, piece.answer)
-                texts.append(FactText(piece.prompt, piece.answer, piece.source_sentence[len(said):], piece.subject))
+                texts.append(FactText(piece.prompt, piece.answer, piece.source_sentence[len(said) :], piece.subject))
     if bare:
         texts += [FactText(subject, obj, ".", subject) for subject, obj in facts]
     if questions:

@@ -18,8 +18,12 @@ from lit_coupling.errors import UserError
 REQUIRED = ("question", "answer", "supporting_facts", "context", "type")
 
 # Byte-order marks of encodings that are not UTF-8: named in the error, since decoding them as UTF-8 gives noise.
-_FOREIGN_BOMS = {b"\xff\xfe\x00\x00": "UTF-32-LE", b"\x00\x00\xfe\xff": "UTF-32-BE",
-                 b"\xff\xfe": "UTF-16-LE", b"\xfe\xff": "UTF-16-BE"}
+_FOREIGN_BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32-LE",
+    b"\x00\x00\xfe\xff": "UTF-32-BE",
+    b"\xff\xfe": "UTF-16-LE",
+    b"\xfe\xff": "UTF-16-BE",
+}
 
 
 class HotpotDataError(UserError, ValueError):
@@ -32,15 +36,19 @@ def _decode(path: Path) -> str:
         raise HotpotDataError(f"{path}: the file is empty (expected a JSON list of HotpotQA records)")
     for bom, name in _FOREIGN_BOMS.items():
         if data.startswith(bom):
-            raise HotpotDataError(f"{path}: the file is {name} text; HotpotQA files are UTF-8. "
-                                  f"Convert it first, e.g. iconv -f {name} -t UTF-8 {path.name} > fixed.json")
+            raise HotpotDataError(
+                f"{path}: the file is {name} text; HotpotQA files are UTF-8. "
+                f"Convert it first, e.g. iconv -f {name} -t UTF-8 {path.name} > fixed.json"
+            )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        raise HotpotDataError(f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}, "
-                              f"line {line}); HotpotQA files are UTF-8. Convert it first, e.g. "
-                              f"iconv -f latin1 -t UTF-8 {path.name} > fixed.json") from None
+        raise HotpotDataError(
+            f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}, "
+            f"line {line}); HotpotQA files are UTF-8. Convert it first, e.g. "
+            f"iconv -f latin1 -t UTF-8 {path.name} > fixed.json"
+        ) from None
 
 
 def _parse_json_lines(path: Path, text: str) -> list[Any]:
@@ -51,8 +59,9 @@ def _parse_json_lines(path: Path, text: str) -> list[Any]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
-            raise HotpotDataError(f"{path}: line {number}, column {error.colno}: not valid JSON "
-                                  f"({error.msg})") from None
+            raise HotpotDataError(
+                f"{path}: line {number}, column {error.colno}: not valid JSON ({error.msg})"
+            ) from None
     return records
 
 
@@ -69,8 +78,9 @@ def parse_records(path: str | Path) -> tuple[list[Any], str]:
     except json.JSONDecodeError as error:
         if error.msg == "Extra data" and text.lstrip().startswith("{"):
             return _parse_json_lines(path, text), "jsonl"
-        raise HotpotDataError(f"{path}: not valid JSON: {error.msg} at line {error.lineno}, "
-                              f"column {error.colno}") from None
+        raise HotpotDataError(
+            f"{path}: not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}"
+        ) from None
     if isinstance(doc, dict):  # a JSON Lines file of one record
         return [doc], "jsonl"
     if not isinstance(doc, list):
@@ -121,7 +131,10 @@ def _pairs(record: _Record, field: str, second: str, check) -> tuple[list[str], 
     out_titles, out_seconds = [], []
     for i, item in enumerate(items):
         if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and check(item[1])):
-            raise record.error(f"{field}[{i}]", f"expected [title, {second}], found {_short(list(item) if isinstance(item, tuple) else item)}")
+            raise record.error(
+                f"{field}[{i}]",
+                f"expected [title, {second}], found {_short(list(item) if isinstance(item, tuple) else item)}",
+            )
         out_titles.append(item[0])
         out_seconds.append(item[1])
     return out_titles, out_seconds
@@ -148,10 +161,15 @@ def normalize_record(raw: Any, index: int, path: str | Path) -> dict[str, Any]:
     level = raw.get("level", "")
     sf_titles, sf_ids = _pairs(record, "supporting_facts", "sent_id", _is_index)
     ctx_titles, ctx_sentences = _pairs(record, "context", "sentences", _is_sentences)
-    return {"id": record.id, "question": question, "answer": answer, "type": kind,
-            "level": level if isinstance(level, str) else str(level),
-            "supporting_facts": {"title": sf_titles, "sent_id": sf_ids},
-            "context": {"title": ctx_titles, "sentences": ctx_sentences}}
+    return {
+        "id": record.id,
+        "question": question,
+        "answer": answer,
+        "type": kind,
+        "level": level if isinstance(level, str) else str(level),
+        "supporting_facts": {"title": sf_titles, "sent_id": sf_ids},
+        "context": {"title": ctx_titles, "sentences": ctx_sentences},
+    }
 
 
 def read_hotpotqa(path: str | Path, max_samples: int | None = None):
@@ -168,14 +186,23 @@ def read_hotpotqa(path: str | Path, max_samples: int | None = None):
         raw = raw[:max_samples]
     records = [normalize_record(r, i, path) for i, r in enumerate(raw)]
     hub = all(isinstance(r.get("context"), dict) for r in raw)
-    features = datasets.Features({
-        "id": datasets.Value("string"), "question": datasets.Value("string"), "answer": datasets.Value("string"),
-        "type": datasets.Value("string"), "level": datasets.Value("string"),
-        "supporting_facts": {"title": datasets.Sequence(datasets.Value("string")),
-                             "sent_id": datasets.Sequence(datasets.Value("int64"))},
-        "context": {"title": datasets.Sequence(datasets.Value("string")),
-                    "sentences": datasets.Sequence(datasets.Sequence(datasets.Value("string")))},
-    })
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "type": datasets.Value("string"),
+            "level": datasets.Value("string"),
+            "supporting_facts": {
+                "title": datasets.Sequence(datasets.Value("string")),
+                "sent_id": datasets.Sequence(datasets.Value("int64")),
+            },
+            "context": {
+                "title": datasets.Sequence(datasets.Value("string")),
+                "sentences": datasets.Sequence(datasets.Sequence(datasets.Value("string"))),
+            },
+        }
+    )
     dataset = datasets.Dataset.from_list(records, features=features)
     dataset.info.description = "hotpotqa-hub" if hub else f"hotpotqa-{layout}"  # what `source_kind` reports
     return dataset
@@ -237,9 +264,13 @@ def open_hotpot_data(spec: str | Path | None, max_samples: int | None = None):
     path, kind = resolve_hotpot_data(spec)
     dataset = read_hotpotqa(path, max_samples)
     truth = load_truth(path)
-    source = {"path": str(path), "sha256": sha256_file(path),
-              "kind": kind or ("synthetic-world" if truth else source_kind(dataset)),
-              "records_read": len(dataset), "max_samples": max_samples}
+    source = {
+        "path": str(path),
+        "sha256": sha256_file(path),
+        "kind": kind or ("synthetic-world" if truth else source_kind(dataset)),
+        "records_read": len(dataset),
+        "max_samples": max_samples,
+    }
     if truth:
         source["truth"] = str(truth_path(path))
     return dataset, source

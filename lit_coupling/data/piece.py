@@ -17,6 +17,11 @@ PIECES_FORMAT = "lit_coupling.knowledge_pieces/1"
 KINDS = ("hop1", "hop2", "question", "compare")  # bridge hops, the composed question, a comparison attribute
 
 
+def piece_id(hotpot_id: str, kind: str, index: int | None = None) -> str:
+    """hop1/hop2/question: "<_id>/<kind>"; the k-th comparison entity: "<_id>/compare<k>"."""
+    return f"{hotpot_id}/{kind}" + ("" if index is None else str(index))
+
+
 @dataclass
 class KnowledgePiece:
     id: str  # unique: f"{hotpot_id}/{kind}" (+ an index for comparison entities)
@@ -58,8 +63,9 @@ def load_pieces(path: str | Path) -> tuple[list[KnowledgePiece], dict[str, Any]]
         path = path / PIECES
     doc = read_json(path)
     if doc.get("format") != PIECES_FORMAT:
-        raise ValueError(f"{path}: not a knowledge_pieces file (format {doc.get('format')!r}, "
-                         f"expected {PIECES_FORMAT!r})")
+        raise ValueError(
+            f"{path}: not a knowledge_pieces file (format {doc.get('format')!r}, expected {PIECES_FORMAT!r})"
+        )
     pieces = [KnowledgePiece.from_dict(p) for p in doc["pieces"]]
     meta = {k: v for k, v in doc.items() if k != "pieces"}
     return pieces, meta

@@ -42,50 +42,134 @@ class Relation:
     question: str  # asks for the object: "Where was {} born?"
 
 
-RELATIONS: dict[str, Relation] = {r.name: r for r in (
-    Relation("author", "work", "person",
-             ("The author of {s} is {o}.", "The writer of {s} is {o}."),
-             "the author of {}", "Who wrote {}?"),
-    Relation("birthplace", "person", "city",
-             ("The birthplace of {s} is {o}.", "The hometown of {s} is {o}."),
-             "the birthplace of {}", "Where was {} born?"),
-    Relation("employer", "person", "company",
-             ("The employer of {s} is {o}.", "The company that employs {s} is {o}."),
-             "the employer of {}", "Which company does {} work for?"),
-    Relation("alma_mater", "person", "university",
-             ("The alma mater of {s} is {o}.", "The university attended by {s} is {o}."),
-             "the alma mater of {}", "Where did {} study?"),
-    Relation("founder", "company", "person",
-             ("The founder of {s} is {o}.", "The person who founded {s} is {o}."),
-             "the founder of {}", "Who founded {}?"),
-    Relation("headquarters", "company", "city",
-             ("The headquarters city of {s} is {o}.", "The seat of {s} is {o}."),
-             "the headquarters city of {}", "Where is {} headquartered?"),
-    Relation("country", "city", "country",
-             ("The country of {s} is {o}.", "The home country of {s} is {o}."),
-             "the country of {}", "In which country is {}?"),
-    Relation("location", "university", "city",
-             ("The location of {s} is {o}.", "The home city of {s} is {o}."),
-             "the home city of {}", "Where is {} located?"),
-    Relation("founded", "university", "year",
-             ("The founding year of {s} is {o}.", "The year of foundation of {s} is {o}."),
-             "the founding year of {}", "When was {} established?"),
-)}
+RELATIONS: dict[str, Relation] = {
+    r.name: r
+    for r in (
+        Relation(
+            "author",
+            "work",
+            "person",
+            ("The author of {s} is {o}.", "The writer of {s} is {o}."),
+            "the author of {}",
+            "Who wrote {}?",
+        ),
+        Relation(
+            "birthplace",
+            "person",
+            "city",
+            ("The birthplace of {s} is {o}.", "The hometown of {s} is {o}."),
+            "the birthplace of {}",
+            "Where was {} born?",
+        ),
+        Relation(
+            "employer",
+            "person",
+            "company",
+            ("The employer of {s} is {o}.", "The company that employs {s} is {o}."),
+            "the employer of {}",
+            "Which company does {} work for?",
+        ),
+        Relation(
+            "alma_mater",
+            "person",
+            "university",
+            ("The alma mater of {s} is {o}.", "The university attended by {s} is {o}."),
+            "the alma mater of {}",
+            "Where did {} study?",
+        ),
+        Relation(
+            "founder",
+            "company",
+            "person",
+            ("The founder of {s} is {o}.", "The person who founded {s} is {o}."),
+            "the founder of {}",
+            "Who founded {}?",
+        ),
+        Relation(
+            "headquarters",
+            "company",
+            "city",
+            ("The headquarters city of {s} is {o}.", "The seat of {s} is {o}."),
+            "the headquarters city of {}",
+            "Where is {} headquartered?",
+        ),
+        Relation(
+            "country",
+            "city",
+            "country",
+            ("The country of {s} is {o}.", "The home country of {s} is {o}."),
+            "the country of {}",
+            "In which country is {}?",
+        ),
+        Relation(
+            "location",
+            "university",
+            "city",
+            ("The location of {s} is {o}.", "The home city of {s} is {o}."),
+            "the home city of {}",
+            "Where is {} located?",
+        ),
+        Relation(
+            "founded",
+            "university",
+            "year",
+            ("The founding year of {s} is {o}.", "The year of foundation of {s} is {o}."),
+            "the founding year of {}",
+            "When was {} established?",
+        ),
+    )
+}
 
 # 2-hop chains: the first relation's object is the second one's subject (the bridge entity).
-COMPOSITIONS = (("author", "birthplace"), ("author", "employer"), ("author", "alma_mater"),
-                ("founder", "birthplace"), ("founder", "alma_mater"), ("birthplace", "country"),
-                ("employer", "headquarters"), ("employer", "founder"), ("alma_mater", "founded"),
-                ("alma_mater", "location"), ("headquarters", "country"), ("location", "country"))
+COMPOSITIONS = (
+    ("author", "birthplace"),
+    ("author", "employer"),
+    ("author", "alma_mater"),
+    ("founder", "birthplace"),
+    ("founder", "alma_mater"),
+    ("birthplace", "country"),
+    ("employer", "headquarters"),
+    ("employer", "founder"),
+    ("alma_mater", "founded"),
+    ("alma_mater", "location"),
+    ("headquarters", "country"),
+    ("location", "country"),
+)
 
 # The shared last word of each entity type's names (a person's last name comes from a pool instead).
-SUFFIXES = {"city": ("Falls", "Harbor", "Ridge", "Crossing", "Vale", "Haven"),
-            "company": ("Works", "Holdings", "Systems", "Foundry", "Labs"),
-            "university": ("Institute", "College", "Academy"),
-            "work": ("Chronicle", "Saga", "Almanac", "Codex", "Ballad")}
+SUFFIXES = {
+    "city": ("Falls", "Harbor", "Ridge", "Crossing", "Vale", "Haven"),
+    "company": ("Works", "Holdings", "Systems", "Foundry", "Labs"),
+    "university": ("Institute", "College", "Academy"),
+    "work": ("Chronicle", "Saga", "Almanac", "Codex", "Ballad"),
+}
 
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr",
-           "st", "th", "sh", "qu", "y")
+_ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kr",
+    "tr",
+    "st",
+    "th",
+    "sh",
+    "qu",
+    "y",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ae", "ei", "ou")
 _CODAS = ("", "", "n", "r", "l", "s", "th", "m", "x", "k")
 
@@ -127,8 +211,7 @@ class Fact:
 
     def sentence(self, template: int | None = None) -> str:
         relation = RELATIONS[self.relation]
-        return relation.templates[self.template if template is None else template].format(s=self.subject,
-                                                                                         o=self.object)
+        return relation.templates[self.template if template is None else template].format(s=self.subject, o=self.object)
 
     def paraphrases(self) -> list[str]:
         return [self.sentence(t) for t in range(len(RELATIONS[self.relation].templates))]
@@ -196,8 +279,9 @@ def generate_world(spec: WorldSpec) -> World:
         return name
 
     def add_fact(subject: str, relation: str, obj: str) -> str:
-        fact = Fact(f"f{len(world.facts):04d}", subject, relation, obj,
-                    rng.randrange(len(RELATIONS[relation].templates)))
+        fact = Fact(
+            f"f{len(world.facts):04d}", subject, relation, obj, rng.randrange(len(RELATIONS[relation].templates))
+        )
         world.facts.append(fact)
         relations_of[subject].add(relation)
         return fact.id
@@ -234,15 +318,17 @@ def world_records(world: World) -> list[dict]:
         others = [t for t in titles if t not in gold]
         context = gold + rng.sample(others, min(world.spec.distractors, len(others)))
         rng.shuffle(context)
-        records.append({
-            "_id": record_id(world.spec, i),
-            "question": r2.question.format(r1.phrase.format(first.subject)),
-            "answer": second.object,
-            "supporting_facts": [[fact.subject, about[fact.subject].index(fact)] for fact in (first, second)],
-            "context": [[title, paragraphs[title]] for title in context],
-            "type": "bridge",
-            "level": "synthetic",
-        })
+        records.append(
+            {
+                "_id": record_id(world.spec, i),
+                "question": r2.question.format(r1.phrase.format(first.subject)),
+                "answer": second.object,
+                "supporting_facts": [[fact.subject, about[fact.subject].index(fact)] for fact in (first, second)],
+                "context": [[title, paragraphs[title]] for title in context],
+                "type": "bridge",
+                "level": "synthetic",
+            }
+        )
     return records
 
 
@@ -259,8 +345,12 @@ def world_texts(spec: WorldSpec, prefixes: tuple[str, ...] | None = None) -> Ite
     prefixes = DEFAULT_PREFIXES if prefixes is None else prefixes
     for round_ in itertools.count():
         world = generate_world(replace(spec, seed=spec.seed + round_))
-        texts = [f"{prefix} {sentence}" if prefix else sentence
-                 for fact in world.facts for sentence in fact.paraphrases() for prefix in prefixes]
+        texts = [
+            f"{prefix} {sentence}" if prefix else sentence
+            for fact in world.facts
+            for sentence in fact.paraphrases()
+            for prefix in prefixes
+        ]
         random.Random(spec.seed + 7919 * (round_ + 1)).shuffle(texts)
         yield from texts
 
@@ -271,7 +361,7 @@ def record_id(spec: WorldSpec, index: int) -> str:
 
 def world_truth(world: World) -> dict:
     """The ground truth: entities, facts with every paraphrase, chains, and which pieces share which entity."""
-    from lit_coupling.data.pieces import piece_id
+    from lit_coupling.data.piece import piece_id
 
     facts = {f.id: f for f in world.facts}
     shared: dict[str, dict[str, list[str]]] = defaultdict(lambda: {"subject_of": [], "answer_of": []})
@@ -284,20 +374,36 @@ def world_truth(world: World) -> dict:
         shared[first.object]["answer_of"].append(ids["hop1"])
         shared[second.subject]["subject_of"].append(ids["hop2"])
         shared[second.object]["answer_of"] += [ids["hop2"], ids["question"]]
-        chains.append({"hotpot_id": hotpot_id, "hop1": first_id, "hop2": second_id, "head": first.subject,
-                       "bridge": first.object, "answer": second.object, "pieces": ids})
+        chains.append(
+            {
+                "hotpot_id": hotpot_id,
+                "hop1": first_id,
+                "hop2": second_id,
+                "head": first.subject,
+                "bridge": first.object,
+                "answer": second.object,
+                "pieces": ids,
+            }
+        )
     return {
         "format": TRUTH_FORMAT,
         "spec": asdict(world.spec),
-        "relations": {name: {"subject_type": r.subject_type, "object_type": r.object_type,
-                             "templates": list(r.templates), "question": r.question}
-                      for name, r in RELATIONS.items()},
+        "relations": {
+            name: {
+                "subject_type": r.subject_type,
+                "object_type": r.object_type,
+                "templates": list(r.templates),
+                "question": r.question,
+            }
+            for name, r in RELATIONS.items()
+        },
         "entities": [asdict(e) for e in world.entities.values()],
         "facts": [{**asdict(f), "sentence": f.sentence(), "paraphrases": f.paraphrases()} for f in world.facts],
         "chains": chains,
         # Entities that link two or more pieces: the ground-truth coupling structure.
-        "shared_entities": {name: links for name, links in shared.items()
-                            if len(links["subject_of"]) + len(links["answer_of"]) > 1},
+        "shared_entities": {
+            name: links for name, links in shared.items() if len(links["subject_of"]) + len(links["answer_of"]) > 1
+        },
     }
 
 
@@ -341,8 +447,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = ArgumentParser(prog="lit-coupling make-world", description=__doc__.split("\n\n")[0])
     parser.add_class_arguments(WorldSpec, None)
-    parser.add_argument("--out", required=True, help="Where to write the world (HotpotQA JSON); the ground "
-                                                     "truth goes beside it as <name>.truth.json.")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="Where to write the world (HotpotQA JSON); the ground truth goes beside it as <name>.truth.json.",
+    )
     args = parser.parse_args(argv)
     spec = WorldSpec(**{k: v for k, v in vars(args).items() if k in WorldSpec.__dataclass_fields__})
     if spec.chains < 1:

@@ -40,11 +40,7 @@ class RestoreEditedWeights(Callback):
 
 def gather_objects(obj, trainer) -> list:
     """Every rank's `obj`, in rank order (only the local one outside distributed runs)."""
-    if (
-        trainer.world_size == 1
-        or not torch.distributed.is_available()
-        or not torch.distributed.is_initialized()
-    ):
+    if trainer.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return [obj]
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, obj)
@@ -52,41 +48,42 @@ def gather_objects(obj, trainer) -> list:
 
 
 class RippleWriter(Callback):
-    """Collects each rank's experiment records, gathers them, and (global rank 0 only) writes
-    `ripple_experiments.json` and `ripple_pairs.csv` in edit order: the files one process would write."""
+    """Collects the experiment records the module hands it (with the header of the file and the pieces), gathers
+    every rank's, and (global rank 0 only) writes `ripple_experiments.json` and `ripple_pairs.csv` in edit order: the
+    files one process would write."""
 
     def __init__(self, output_dir: str):
         self.output_dir = Path(output_dir)
         self.records: list[dict] = []
+        self.header: dict | None = None
+        self.pieces: list | None = None
         self.summary: dict = {}
         self.written: list[Path] = []
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self.records, self.written = [], []
+        self.records, self.written, self.header, self.pieces = [], [], None, None
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if outputs is not None:
-            self.records.append(outputs)
+        if outputs is not None:  # {"records", "header", "pieces"} (MemitModule.predict_step)
+            self.records.extend(outputs["records"])
+            self.header, self.pieces = outputs["header"], outputs["pieces"]
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        records = sorted(
-            (r for part in gather_objects(self.records, trainer) for r in part), key=lambda r: r["edit_id"]
-        )
+        spare = self.pieces if trainer.global_rank != 0 else None  # for a rank 0 that made no edit
+        parts = gather_objects((self.records, self.header, spare), trainer)
+        records = sorted((r for part, _, _ in parts for r in part), key=lambda r: r["edit_id"])
         self.summary = summarise(records)
         if trainer.global_rank != 0:
             return
-        self.write(records, pl_module)
+        if self.header is None:  # this rank made no edit: the header and pieces of one that did
+            self.header, self.pieces = next(((h, p) for _, h, p in parts if h is not None), (None, None))
+        if self.header is not None:
+            self.write(records, self.header, self.pieces)
 
-    def write(self, records: list[dict], pl_module) -> None:
+    def write(self, records: list[dict], header: dict, pieces: list) -> None:
         """Write both files (also with no edit at all: the baseline then says what the model knew)."""
         self.summary = summarise(records)
-        doc = {
-            "format": RIPPLE_FORMAT,
-            **pl_module.ripple_header(),
-            "summary": self.summary,
-            "experiments": records,
-        }
-        pieces = pl_module.pieces
+        doc = {"format": RIPPLE_FORMAT, **header, "summary": self.summary, "experiments": records}
         self.written = [
             write_json(self.output_dir / RIPPLE, doc),
             write_text(self.output_dir / RIPPLE_PAIRS, pairs_csv(pair_rows(records, pieces))),

@@ -1,7 +1,6 @@
 """Key covariance C = E[k kᵀ] of each edit layer over a text corpus, cached on disk and resumable.
 
-k is the input of the layer's MLP output projection at every (non-padding) token. The default corpus is the
-context
+k is the input of the layer's MLP output projection at every (non-padding) token. The default corpus is the context
 paragraphs of the HotpotQA file the pieces came from (Wikipedia text); a text file or a HF dataset also works.
 Statistics are cached by (model, layer, corpus, token count), so every later run and edit reuses them.
 """
@@ -15,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from lit_coupling.errors import UserError
 from lit_coupling.models.adapters import ModelAdapter, context_length
+from lit_coupling.models.hooks import Hooks, StopForward
 from lit_coupling.outputs import save_torch, sha256_file, stable_hash
 from lit_coupling.progress import Progress
 
@@ -30,8 +31,7 @@ def default_stats_dir() -> Path:
     return cache_root() / "memit_stats"
 
 
-# --- corpora
-# -------------------------------------------------------------------------------------------------------
+# --- corpora ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -69,8 +69,7 @@ def text_lines(path: str | Path) -> Iterator[str]:
 
 
 def hf_texts(spec: str) -> tuple[Iterator[str], str]:
-    """`hf:NAME[:CONFIG][:SPLIT]` (loaded through `datasets`, from its cache when offline) or a save_to_disk
-    dir."""
+    """`hf:NAME[:CONFIG][:SPLIT]` (loaded through `datasets`, from its cache when offline) or a save_to_disk dir."""
     import datasets
 
     parts = spec.removeprefix("hf:").split(":")
@@ -112,8 +111,7 @@ def synthetic_world_corpus(path: str | Path) -> Corpus | None:
 
 
 def resolve_corpus(corpus: str, hotpot_path: str | Path | None = None) -> Corpus:
-    """`hotpot` (the pieces' HotpotQA file), a .json/.jsonl HotpotQA file, a text file (a document a line), or
-    hf:…"""
+    """`hotpot` (the pieces' HotpotQA file), a .json/.jsonl HotpotQA file, a text file (a document a line), or hf:…"""
     if corpus in ("hotpot", "", None):
         if not hotpot_path or not Path(hotpot_path).exists():
             raise UserError(
@@ -141,13 +139,17 @@ def resolve_corpus(corpus: str, hotpot_path: str | Path | None = None) -> Corpus
     return Corpus(path.name, sha256_file(path)[:16], lambda: text_lines(path))
 
 
-# --- accumulation
-# --------------------------------------------------------------------------------------------------
+# --- accumulation -----------------------------------------------------------------------------------------------------
 
 
 def token_batches(
-    tokenizer, documents: Iterable[str], bos_ids: Sequence[int], max_length: int, batch_size: int,
-    windows: list[tuple[int, int]] | None = None, area: int | None = None,
+    tokenizer,
+    documents: Iterable[str],
+    bos_ids: Sequence[int],
+    max_length: int,
+    batch_size: int,
+    windows: list[tuple[int, int]] | None = None,
+    area: int | None = None,
 ) -> Iterator[list[list[int]]]:
     """Documents cut into windows of at most `max_length` tokens (BOS first), batched by padded size: a batch holds
     `batch_size` full windows, or more shorter ones in the same padded area (short texts, such as the synthetic
@@ -224,23 +226,25 @@ def accumulate_moments(
     deepest = max(layers)
     mask_holder: dict[str, torch.Tensor] = {}
 
-    class Stop(Exception):
-        pass
-
     def hook(layer):
         def capture(_module, args):
             x = args[0][mask_holder["mask"]].float()  # (n, d_in) keys at the counted tokens
             state.sums[layer] += (x.T @ x).double()
             state.fourth[layer] += float((x.double().pow(2).sum(1) ** 2).sum())
             if layer == deepest:
-                raise Stop
+                raise StopForward  # the deepest keys are read: nothing after them is needed
 
         return capture
 
-    handles = [adapter.target(layer).module.register_forward_pre_hook(hook(layer)) for layer in layers]
+    hooks = Hooks(pre=[(adapter.target(layer).module, hook(layer)) for layer in layers])
     # A bar on a terminal, a line every few seconds in a log: on a real model this takes minutes.
-    bar = Progress(tokens, f"key covariance, layers {','.join(map(str, layers))}", enabled=progress, unit="tok",
-                   initial=min(state.count, tokens))
+    bar = Progress(
+        tokens,
+        f"key covariance, layers {','.join(map(str, layers))}",
+        enabled=progress,
+        unit="tok",
+        initial=min(state.count, tokens),
+    )
     last_save = time.monotonic()
     try:
         for index, batch in enumerate(batches):
@@ -248,12 +252,9 @@ def accumulate_moments(
                 break
             if index < state.batches:
                 continue
-            width = max(map(len, batch))
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention = torch.zeros_like(input_ids)
-            for row, ids in enumerate(batch):
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                attention[row, : len(ids)] = 1
+            rows = [torch.tensor(ids, dtype=torch.long) for ids in batch]
+            input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
+            attention = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
             counted = attention.bool()
             excess = int(counted.sum()) - (tokens - state.count)
             if excess > 0:  # the last batch: count exactly `tokens`, the first ones in reading order
@@ -261,10 +262,8 @@ def accumulate_moments(
                 flat[flat.nonzero().squeeze(1)[-excess:]] = False
                 counted = flat.view_as(counted)
             mask_holder["mask"] = counted.to(device)
-            try:
+            with hooks:  # registered per batch: the stop at the deepest layer ends this batch's forward only
                 model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
-            except Stop:
-                pass
             added = int(counted.sum())
             state.count += added
             state.batches = index + 1
@@ -273,33 +272,23 @@ def accumulate_moments(
                 checkpoint(state)
                 last_save = time.monotonic()
     finally:
-        for handle in handles:
-            handle.remove()
         bar.close()
     return state
 
 
-# --- the cache
-# -----------------------------------------------------------------------------------------------------
+# --- the cache --------------------------------------------------------------------------------------------------------
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """Changes when the weights change (a retrained tiny model), cheap for a 70B model: config + sampled
-    weights."""
+    """Changes when the weights change (a retrained tiny model), cheap for a 70B model: config + sampled weights."""
     import hashlib
 
     items = []
     for name, p in model.state_dict().items():
         flat = p.detach().reshape(-1)
-        sample = (
-            flat[:: max(1, flat.numel() // 4096)].float().cpu()
-        )  # exact for fp32/bf16, device-independent
-        items.append(
-            (name, list(p.shape), str(p.dtype), hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16])
-        )
-    config = {
-        k: v for k, v in model.config.to_dict().items() if not k.startswith(("_", "transformers_version"))
-    }
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()  # exact for fp32/bf16, device-independent
+        items.append((name, list(p.shape), str(p.dtype), hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]))
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith(("_", "transformers_version"))}
     return stable_hash({"config": config, "weights": items})
 
 
@@ -309,8 +298,7 @@ def _slug(text: str) -> str:
 
 @dataclass
 class CovarianceCache:
-    """Where the statistics of one (model, corpus, token count) live: a file per layer, and a shared
-    checkpoint."""
+    """Where the statistics of one (model, corpus, token count) live: a file per layer, and a shared checkpoint."""
 
     root: Path
     model_name: str
@@ -381,8 +369,10 @@ def key_covariances(
     model = adapter.model
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     if tokens < 1:  # not "a corpus with no text": no token was asked for
-        raise UserError(f"cov_tokens {tokens} (--memit.cov_tokens): the key covariance needs at least one corpus "
-                        f"token per layer; 100000 is the default")
+        raise UserError(
+            f"cov_tokens {tokens} (--memit.cov_tokens): the key covariance needs at least one corpus "
+            f"token per layer; 100000 is the default"
+        )
     cache = CovarianceCache(
         Path(stats_dir) if stats_dir else default_stats_dir(),
         model_name,
@@ -461,13 +451,10 @@ def shrink(
 ) -> tuple[torch.Tensor, float]:
     """(1 − α) C + α (tr C / d) I, and α.
 
-    A covariance from fewer, repetitive tokens than it has dimensions to fill is near singular; the update
-    then
-    puts huge weights on directions the corpus never visited, and any key with a component there is thrown
-    far.
-    Ledoit–Wolf (2004) picks α from the estimate's own sampling noise, using E‖k‖⁴: it goes to 0 as the corpus
-    grows,
-    so a large corpus gives the published update. `none` (or 0) is the published algorithm; a number fixes α.
+    A covariance from fewer, repetitive tokens than it has dimensions to fill is near singular; the update then puts
+    huge weights on directions the corpus never visited, and any key with a component there is thrown far. Ledoit–Wolf
+    (2004) picks α from the estimate's own sampling noise, using E‖k‖⁴: it goes to 0 as the corpus grows, so a large
+    corpus gives the published update. `none` (or 0) is the published algorithm; a number fixes α.
     """
     c = mom2.to(torch.float64)
     d = c.shape[0]
@@ -482,9 +469,7 @@ def shrink(
     else:
         alpha = float(shrinkage)
         if not 0.0 <= alpha <= 1.0:
-            raise UserError(
-                f"covariance shrinkage must be ledoit-wolf, none or a number in [0, 1], not {shrinkage!r}"
-            )
+            raise UserError(f"covariance shrinkage must be ledoit-wolf, none or a number in [0, 1], not {shrinkage!r}")
     if alpha == 0.0:
         return c, 0.0
     return (1 - alpha) * c + alpha * mu * torch.eye(d, dtype=c.dtype, device=c.device), alpha
@@ -524,7 +509,9 @@ def covariance_quality(mom2: torch.Tensor, tokens: int, texts: int | None = None
             f"the key covariance{' of ' + name if name else ''} comes from {tokens} tokens for {d} key dimensions "
             f"({tokens / d:.1f} per dimension{', singular' if singular else ''}); below {MIN_TOKENS_PER_DIM:g} "
             f"per dimension its small eigenvalues are noise and MEMIT's update is unreliable: give more text "
-            f"(--memit.cov_tokens, --memit.cov_corpus FILE; docs/memit.md)", stacklevel=2)
+            f"(--memit.cov_tokens, --memit.cov_corpus FILE; docs/memit.md)",
+            stacklevel=2,
+        )
     return quality
 
 

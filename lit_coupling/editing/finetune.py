@@ -39,8 +39,10 @@ class FinetuneHparams:
 
     def __post_init__(self):
         if self.steps < 1 or self.lr <= 0 or self.max_norm <= 0:
-            raise UserError(f"fine-tuning editor: steps ≥ 1, lr > 0 and max_norm > 0 needed, got steps="
-                            f"{self.steps}, lr={self.lr}, max_norm={self.max_norm}")
+            raise UserError(
+                f"fine-tuning editor: steps ≥ 1, lr > 0 and max_norm > 0 needed, got steps="
+                f"{self.steps}, lr={self.lr}, max_norm={self.max_norm}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,13 +64,21 @@ def _factors_norm2(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def score_one(model, batch: dict, device) -> float:
     """log P(answer | prompt) of the first row of a cloze batch."""
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                use_cache=False)
+    out = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+    )
     return float(answer_logprobs(out.logits, batch["input_ids"].to(device), batch["answer_mask"].to(device))[0])
 
 
-def apply_finetune(adapter: ModelAdapter, tokenizer, request: EditRequest, layers: Sequence[int],
-                   hp: FinetuneHparams, bos_ids: Sequence[int], pad_id: int) -> FinetuneResult:
+def apply_finetune(
+    adapter: ModelAdapter,
+    tokenizer,
+    request: EditRequest,
+    layers: Sequence[int],
+    hp: FinetuneHparams,
+    bos_ids: Sequence[int],
+    pad_id: int,
+) -> FinetuneResult:
     """Edit the weights of `layers` in place (the caller snapshots and restores them)."""
     from lit_coupling.gradients.module import TargetHooks, backward_log_prob, gradient_mask
 

@@ -1,12 +1,9 @@
 """MEMIT hyperparameters: the shipped sets in `lit_coupling/resources/memit/` (= `configs/memit/`, symlinks), and
 the rule that derives a set for any other model.
 
-A set is chosen by the loaded model's family and shape (never its name). A model with no set of its own gets
-one
-derived from its family's published set: the same band of relative depth, and λ scaled by the key dimension,
-because
-λ·C weighs against K Kᵀ, whose size grows with the key dimension (a 512-dim tiny GPT-2 needs λ ≈
-20000·512/6400).
+A set is chosen by the loaded model's family and shape (never its name). A model with no set of its own gets one derived
+from its family's published set: the same band of relative depth, and λ scaled by the key dimension, because λ·C weighs
+against K Kᵀ, whose size grows with the key dimension (a 512-dim tiny GPT-2 needs λ ≈ 20000·512/6400).
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ from typing import Any
 
 import yaml
 
-from lit_coupling.editing.requests import check_fact_token
 from lit_coupling.errors import UserError
 
 # Package data (pyproject.toml), so an installed copy has them; configs/memit/*.yaml link here.
@@ -72,6 +68,8 @@ class MemitHparams:
     """published (and where) or derived (and how): said in every output that uses them."""
 
     def __post_init__(self):
+        from lit_coupling.editing.requests import check_fact_token  # requests pulls torch: only when used
+
         check_fact_token(self.fact_token)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,14 +80,12 @@ class MemitHparams:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise UserError(
-                f"unknown MEMIT hyperparameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+            raise UserError(f"unknown MEMIT hyperparameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**data)
 
 
 def read_hparams_file(path: str | Path) -> MemitHparams:
-    """A YAML of hyperparameters: either a `lit-coupling predict` config (model.init_args.memit) or the bare
+    """A YAML of hyperparameters: either a `lit-coupling predict` config (model.init_args.memit.hparams) or the bare
     set."""
     path = Path(path)
     if not path.exists():
@@ -99,9 +95,11 @@ def read_hparams_file(path: str | Path) -> MemitHparams:
     except yaml.YAMLError as error:
         raise UserError(f"{path}: not valid YAML ({error})") from error
     block = doc.get("model", {}).get("init_args", {}).get("memit", doc) if isinstance(doc, dict) else None
+    if isinstance(block, dict) and isinstance(block.get("hparams"), dict):  # MemitModule's `memit` (MemitOptions)
+        block = block["hparams"]
     if not isinstance(block, dict) or "layers" not in block:
         raise UserError(
-            f"{path}: no MEMIT hyperparameters (expected model.init_args.memit or a mapping with layers)"
+            f"{path}: no MEMIT hyperparameters (expected model.init_args.memit.hparams or a mapping with layers)"
         )
     return MemitHparams.from_dict(block)
 
@@ -114,8 +112,7 @@ def shipped_hparams() -> dict[str, MemitHparams]:
 
 
 def derive_layers(published: MemitHparams, num_layers: int) -> list[int]:
-    """The published band of relative depth, mapped onto a model with `num_layers` blocks (at least one
-    layer)."""
+    """The published band of relative depth, mapped onto a model with `num_layers` blocks (at least one layer)."""
     n = published.num_layers
     lo = math.floor(min(published.layers) / n * num_layers + 0.5)
     hi = math.floor(max(published.layers) / n * num_layers + 0.5)
@@ -168,8 +165,7 @@ def select_hparams(
 def resolve_hparams(
     spec: MemitHparams | dict | str | None, adapter, layers: str | list[int] | None = None
 ) -> MemitHparams:
-    """The set to use for the adapter's model: given, read from a file, or `auto`; `layers` overrides its
-    layers."""
+    """The set to use for the adapter's model: given, read from a file, or `auto`; `layers` overrides its layers."""
     from lit_coupling.models.adapters import parse_layers
 
     if isinstance(spec, MemitHparams):
@@ -178,9 +174,7 @@ def resolve_hparams(
         hp = MemitHparams.from_dict(spec)
     elif spec in (None, "", "auto"):
         key_dim = adapter.target(adapter.num_layers - 1).shape[1]
-        hp = select_hparams(
-            adapter.model_type, adapter.d_model, adapter.num_layers, key_dim, adapter.family.name
-        )
+        hp = select_hparams(adapter.model_type, adapter.d_model, adapter.num_layers, key_dim, adapter.family.name)
     else:
         hp = read_hparams_file(spec)
     if layers is not None:
@@ -200,23 +194,49 @@ def resolve_hparams(
 # own settings every set shares: no covariance shrinkage, keys at the subject's last token, 5 generated context
 # prefixes of 10 tokens. `deviations` compares a set against the one its family derives from.
 PAPER: dict[str, dict[str, Any]] = {
-    "gpt2-xl": {"layers": [13, 14, 15, 16, 17], "v_lr": 0.5, "v_num_grad_steps": 20, "v_weight_decay": 0.5,
-                "clamp_norm_factor": 0.75, "kl_factor": 0.0625, "mom2_update_weight": 20000.0},
-    "gpt-j-6b": {"layers": [3, 4, 5, 6, 7, 8], "v_lr": 0.5, "v_num_grad_steps": 25, "v_weight_decay": 0.5,
-                 "clamp_norm_factor": 0.75, "kl_factor": 0.0625, "mom2_update_weight": 15000.0},
-    "llama-2-7b": {"layers": [4, 5, 6, 7, 8], "v_lr": 0.5, "v_num_grad_steps": 25, "v_weight_decay": 1e-3,
-                   "clamp_norm_factor": 4.0, "kl_factor": 0.0625, "mom2_update_weight": 15000.0},
+    "gpt2-xl": {
+        "layers": [13, 14, 15, 16, 17],
+        "v_lr": 0.5,
+        "v_num_grad_steps": 20,
+        "v_weight_decay": 0.5,
+        "clamp_norm_factor": 0.75,
+        "kl_factor": 0.0625,
+        "mom2_update_weight": 20000.0,
+    },
+    "gpt-j-6b": {
+        "layers": [3, 4, 5, 6, 7, 8],
+        "v_lr": 0.5,
+        "v_num_grad_steps": 25,
+        "v_weight_decay": 0.5,
+        "clamp_norm_factor": 0.75,
+        "kl_factor": 0.0625,
+        "mom2_update_weight": 15000.0,
+    },
+    "llama-2-7b": {
+        "layers": [4, 5, 6, 7, 8],
+        "v_lr": 0.5,
+        "v_num_grad_steps": 25,
+        "v_weight_decay": 1e-3,
+        "clamp_norm_factor": 4.0,
+        "kl_factor": 0.0625,
+        "mom2_update_weight": 15000.0,
+    },
 }
-PAPER_ALGORITHM: dict[str, Any] = {"mom2_shrinkage": "none", "fact_token": "subject_last", "early_stop_loss": 0.05,
-                                   "context_prefixes": 5, "context_prefix_tokens": 10}
+PAPER_ALGORITHM: dict[str, Any] = {
+    "mom2_shrinkage": "none",
+    "fact_token": "subject_last",
+    "early_stop_loss": 0.05,
+    "context_prefixes": 5,
+    "context_prefix_tokens": 10,
+}
 # The reference estimates C from mom2_n_samples = 100,000 Wikipedia *texts* (about 44M key vectors).
 PAPER_COV_TEXTS = 100_000
 
 _WHY = {
     "mom2_shrinkage": "shrinkage of C towards tr(C)/d·I, an explicit option; Ledoit-Wolf changed ΔW by 54-75% on "
-                      "the embedded models with a 4k-token covariance and by 5-26% with 100k tokens (docs/memit.md)",
+    "the embedded models with a 4k-token covariance and by 5-26% with 100k tokens (docs/memit.md)",
     "fact_token": "the embedded tiny models recall a fact at the token after the subject, not at its last token "
-                  "(causal tracing, docs/benchmarks.md \"Where the facts live\")",
+    '(causal tracing, docs/benchmarks.md "Where the facts live")',
 }
 
 
@@ -249,8 +269,10 @@ def deviations(hp: MemitHparams, covariance: dict | None = None) -> list[str]:
         found.append(f"{key} = {have!r} (the paper: {want!r})" + (f": {why}" if why else ""))
     if covariance:
         texts, tokens = covariance.get("texts"), covariance.get("tokens")
-        found.append(f"key covariance from {tokens if tokens is not None else covariance.get('tokens_requested')} "
-                     f"tokens ({texts if texts is not None else '?'} texts) of {covariance.get('corpus')!r}; the "
-                     f"paper uses {PAPER_COV_TEXTS:,} Wikipedia texts (mom2_n_samples counts texts, cov_tokens "
-                     f"counts tokens)")
+        found.append(
+            f"key covariance from {tokens if tokens is not None else covariance.get('tokens_requested')} "
+            f"tokens ({texts if texts is not None else '?'} texts) of {covariance.get('corpus')!r}; the "
+            f"paper uses {PAPER_COV_TEXTS:,} Wikipedia texts (mom2_n_samples counts texts, cov_tokens "
+            f"counts tokens)"
+        )
     return found

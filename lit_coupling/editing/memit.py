@@ -1,8 +1,6 @@
-"""MEMIT (Meng et al., ICLR 2023) as published: target vectors, keys, residual spread, the least-squares
-update.
+"""MEMIT (Meng et al., ICLR 2023) as published: target vectors, keys, residual spread, the least-squares update.
 
-Functions of a model, its adapter and tensors; nothing here knows about Lightning. `apply_memit` edits the
-weights in
+Functions of a model, its adapter and tensors; nothing here knows about Lightning. `apply_memit` edits the weights in
 place — the caller snapshots and restores them (`lit_coupling.editing.snapshot`).
 
 Keys are read and the target vector written at the *fact token* (`MemitHparams.fact_token`): the subject's last
@@ -22,6 +20,7 @@ from torch import nn
 from lit_coupling.editing.hparams import MemitHparams
 from lit_coupling.editing.requests import EditRequest, TokenizedPrompt, kl_prompt, request_prompts
 from lit_coupling.models.adapters import ModelAdapter
+from lit_coupling.models.hooks import Hooks
 from lit_coupling.progress import Progress
 from lit_coupling.scoring import collate_clozes
 
@@ -32,17 +31,15 @@ class EditError(RuntimeError):
     """An edit could not be computed (a non-finite target vector or update)."""
 
 
-# --- the closed-form update
-# ---------------------------------------------------------------------------------------
+# --- the closed-form update -------------------------------------------------------------------------------------------
 
 
 class CovarianceSolver:
     """Solves (λC + K Kᵀ)⁻¹ K for one layer's key covariance C, in float64.
 
-    C's Cholesky factor is computed once and reused by every edit: with Woodbury,
-    (λC + KKᵀ)⁻¹K = (λC)⁻¹K (I + Kᵀ(λC)⁻¹K)⁻¹, which costs O(d²n) per edit instead of a fresh O(d³) solve.
-    A C that is not positive definite (fewer corpus tokens than key dimensions) falls back to the direct
-    solve.
+    C's Cholesky factor is computed once and reused by every edit: with Woodbury, (λC + KKᵀ)⁻¹K =
+    (λC)⁻¹K (I + Kᵀ(λC)⁻¹K)⁻¹, which costs O(d²n) per edit instead of a fresh O(d³) solve. A C that is not positive
+    definite (fewer corpus tokens than key dimensions) falls back to the direct solve.
     """
 
     def __init__(self, cov: torch.Tensor):
@@ -88,8 +85,7 @@ def closed_form_factors(
     return residuals.to(adjusted), adjusted
 
 
-# --- running the model
-# ---------------------------------------------------------------------------------------------
+# --- running the model ------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -100,9 +96,7 @@ class PromptBatch:
     fact_index: torch.Tensor  # (B,) the fact token: where keys are read and δ is added (the subject's last token)
 
     @classmethod
-    def of(
-        cls, prompts: Sequence[TokenizedPrompt], pad_id: int, device: torch.device | str = "cpu"
-    ) -> PromptBatch:
+    def of(cls, prompts: Sequence[TokenizedPrompt], pad_id: int, device: torch.device | str = "cpu") -> PromptBatch:
         batch = collate_clozes([(p.prompt_ids, p.answer_ids) for p in prompts], pad_id)
         return cls(
             batch["input_ids"].to(device),
@@ -114,10 +108,6 @@ class PromptBatch:
     @property
     def rows(self) -> torch.Tensor:
         return torch.arange(self.input_ids.shape[0], device=self.input_ids.device)
-
-
-class _StopForward(Exception):
-    """Raised from a hook once everything needed is captured: the later layers and the LM head never run."""
 
 
 def _hidden(output):
@@ -140,8 +130,8 @@ def capture_at_subject(
     """Keys (inputs of the MLP output projections) at `key_layers` and block `hidden_layer`'s output, at each
     row's fact token (the subject's last token unless `fact_token` says otherwise).
 
-    Only the blocks up to `hidden_layer` run. Returns ({layer: (B, d_in)}, (B, d_model)), float32 (float64 for a
-    float64 model).
+    Only the blocks up to `hidden_layer` run. Returns ({layer: (B, d_in)}, (B, d_model)), float32 (float64 for a float64
+    model).
     """
     rows, cols = batch.rows, batch.fact_index
     keys: dict[int, torch.Tensor] = {}
@@ -155,19 +145,11 @@ def capture_at_subject(
 
     def block_hook(_module, _args, output):
         found["h"] = _work(_hidden(output)[rows, cols])
-        raise _StopForward
 
-    handles = [
-        adapter.target(layer).module.register_forward_pre_hook(key_hook(layer)) for layer in key_layers
-    ]
-    handles.append(adapter.blocks[hidden_layer].register_forward_hook(block_hook))
-    try:
+    block = adapter.blocks[hidden_layer]
+    pre = [(adapter.target(layer).module, key_hook(layer)) for layer in key_layers]
+    with Hooks(forward=[(block, block_hook)], pre=pre, stop_after=block):
         adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
     if "h" not in found:
         raise EditError(f"block {hidden_layer} did not run")
     return keys, found["h"]
@@ -178,8 +160,7 @@ class ResidualEditor:
 
     Block `layer`'s output and the arguments of every later block are captured in one full forward; each
     optimisation step then runs only the later blocks, the final norm and the LM head at the needed positions.
-    If that shortcut does not reproduce the full model (a family with extra output scaling), every step runs
-    the
+    If that shortcut does not reproduce the full model (a family with extra output scaling), every step runs the
     full model with a hook instead.
     """
 
@@ -202,16 +183,9 @@ class ResidualEditor:
         def out_hook(_module, _args, output):
             captured["h"] = _hidden(output).detach()
 
-        handles = [b.register_forward_pre_hook(pre_hook, with_kwargs=True) for b in later]
-        handles.append(adapter.blocks[layer].register_forward_hook(out_hook))
-        try:
-            with torch.no_grad():
-                full = model(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-                ).logits
-        finally:
-            for handle in handles:
-                handle.remove()
+        hooks = Hooks(forward=[(adapter.blocks[layer], out_hook)], pre=[(b, pre_hook) for b in later], pre_kwargs=True)
+        with hooks, torch.no_grad():
+            full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         self.hidden = captured["h"]  # (B, T, d): block `layer`'s output, the residual stream δ is added to
         self.later, self.calls = later, calls
         self.head, self.norm = model.get_output_embeddings(), adapter.final_norm
@@ -243,13 +217,10 @@ class ResidualEditor:
                 return (self._add(output[0], delta), *output[1:])
             return self._add(output, delta)
 
-        handle = self.adapter.blocks[self.layer].register_forward_hook(hook)
-        try:
+        with Hooks(forward=[(self.adapter.blocks[self.layer], hook)]):
             logits = self.adapter.model(
                 input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask, use_cache=False
             ).logits
-        finally:
-            handle.remove()
         return logits[self.positions]
 
     def logits(self, delta: torch.Tensor) -> torch.Tensor:
@@ -257,15 +228,115 @@ class ResidualEditor:
         return self._shortcut_logits(delta) if self.shortcut else self._full_logits(delta)
 
 
-# --- target vectors
-# ---------------------------------------------------------------------------------------------
+def _rewind(cache, width: int) -> None:
+    """Drop what a forward appended to a KV cache after its first `width` positions; what stays is cut from the
+    graph of the step that appended (the prefix never depended on δ)."""
+    extra = cache.get_seq_length() - width
+    if extra > 0:
+        cache.crop(-extra)  # negative: "remove this many" (transformers 4 and 5 alike)
+    if hasattr(cache, "layers"):  # transformers 5
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is not None:
+                layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+    else:
+        cache.key_cache = [k.detach() for k in cache.key_cache]
+        cache.value_cache = [v.detach() for v in cache.value_cache]
+
+
+class PrefixCachedEditor:
+    """`ResidualEditor.logits` without recomputing what δ cannot change: every token before a row's fact token.
+
+    δ is added at the fact token, so in a causal model the states of the tokens before it (the context prefix and
+    the prompt up to the subject's last token) are the same at every optimisation step. They run once, as a KV
+    cache (left-padded, explicit position ids); each step runs only each row's suffix — the fact token, the rest
+    of the prompt and the answer — through the model, δ added at the suffix's first position of block `layer`, and
+    the LM head only at the needed positions. `ok` is False (use `ResidualEditor`) when the model takes no cache or
+    position ids, or when the cached forward does not reproduce the full model's logits at δ = 0.
+    """
+
+    def __init__(
+        self, adapter: ModelAdapter, batch: PromptBatch, layer: int, positions: tuple[torch.Tensor, torch.Tensor]
+    ):
+        self.adapter, self.layer, self.ok = adapter, layer, False
+        model = adapter.model
+        self.head, self.norm = model.get_output_embeddings(), adapter.final_norm
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        if self.head is None or self.norm is None or self.cache_kw not in params or "position_ids" not in params:
+            return
+        device = batch.input_ids.device
+        lengths = batch.attention_mask.sum(1)
+        split = batch.fact_index  # each row's first δ-dependent token
+        n_rows = len(split)
+        width_p, width_s = int(split.max()), int((lengths - split).max())
+        if width_p == 0:
+            return
+        cols_p = torch.arange(width_p, device=device)
+        # prefix: right-aligned (left padding); suffix: left-aligned (right padding)
+        src_p = cols_p[None, :] - (width_p - split)[:, None]
+        self.prefix_mask = (src_p >= 0).long()
+        prefix_ids = batch.input_ids.gather(1, src_p.clamp(min=0))
+        prefix_pos = src_p.clamp(min=0)
+        cols_s = torch.arange(width_s, device=device)
+        src_s = split[:, None] + cols_s[None, :]
+        self.suffix_mask = (src_s < lengths[:, None]).long()
+        self.suffix_ids = batch.input_ids.gather(1, src_s.clamp(max=batch.input_ids.shape[1] - 1))
+        self.suffix_pos = src_s
+        self.width_p = width_p
+        rows, cols = positions
+        self.rows, self.cols = rows, cols - split[rows]
+        self.n_rows = n_rows
+        with torch.no_grad():
+            out = model(input_ids=prefix_ids, attention_mask=self.prefix_mask, position_ids=prefix_pos, use_cache=True)
+            self.cache = getattr(out, "cache", None) if self.cache_kw == "cache" else out.past_key_values
+            if self.cache is None or not hasattr(self.cache, "crop"):
+                return
+            try:
+                got = self.logits(torch.zeros(adapter.d_model, device=device, dtype=model.dtype))
+            except Exception:  # a family whose forward cannot take this: the plain editor
+                return
+            seen: dict[str, torch.Tensor] = {}
+            with Hooks(forward=[(self.norm, lambda _m, _a, out: seen.update(h=out))], stop_after=self.norm):
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            want = self.head(seen["h"][positions]).float()  # the full model at the needed positions only
+        tol = 1e-3 if want.dtype in (torch.float32, torch.float64) and got.dtype != torch.bfloat16 else 5e-2
+        scale = max(1.0, want.abs().max().item())
+        self.ok = bool(torch.allclose(got.float(), want, rtol=tol, atol=tol * scale))
+
+    def logits(self, delta: torch.Tensor) -> torch.Tensor:
+        """(K, V) logits at `positions` with δ ((d,) or one row per batch row (R, d)) added at the fact tokens."""
+        found: dict[str, torch.Tensor] = {}
+        delta = delta.expand(self.n_rows, -1) if delta.dim() == 1 else delta
+
+        def add(_module, _args, output):
+            hidden = _hidden(output)
+            hidden = torch.cat([hidden[:, :1] + delta[:, None].to(hidden.dtype), hidden[:, 1:]], 1)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        def normed(_module, _args, output):
+            found["h"] = output
+
+        mask = torch.cat([self.prefix_mask, self.suffix_mask], 1)
+        try:
+            with Hooks(forward=[(self.adapter.blocks[self.layer], add), (self.norm, normed)], stop_after=self.norm):
+                self.adapter.model(
+                    input_ids=self.suffix_ids,
+                    attention_mask=mask,
+                    position_ids=self.suffix_pos,
+                    use_cache=True,
+                    **{self.cache_kw: self.cache},
+                )
+        finally:
+            _rewind(self.cache, self.width_p)
+        return self.head(found["h"][self.rows, self.cols])
+
+
+# --- target vectors ---------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class TargetVector:
-    z: (
-        torch.Tensor
-    )  # (d_model,) float32: the hidden state at the last edit layer that makes the model say the target
+    z: torch.Tensor  # (d_model,) float32: the hidden state at the last edit layer that makes the model say the target
     h_norm: float  # ‖h‖ of the hidden state before the edit
     delta_norm: float
     steps: int  # forward passes run
@@ -327,8 +398,7 @@ def optimise_target(
             loss = nll + kl_loss + decay
             if loss.item() < hp.early_stop_loss or step == hp.v_num_grad_steps - 1:
                 break
-            # Only δ's gradient: whatever the caller's requires_grad, no weight gradient is
-            # computed or stored.
+            # Only δ's gradient: whatever the caller's requires_grad, no weight gradient is computed or stored.
             (delta.grad,) = torch.autograd.grad(loss, [delta])
             optimiser.step()
             with torch.no_grad():
@@ -342,8 +412,114 @@ def optimise_target(
     return TargetVector(z, h_norm.item(), delta.detach().norm().item(), steps, nll.item(), editor.shortcut)
 
 
-# --- context prefixes
-# ----------------------------------------------------------------------------------------------
+def optimise_targets(
+    adapter: ModelAdapter,
+    rewrites: Sequence[Sequence[TokenizedPrompt]],
+    kls: Sequence[TokenizedPrompt],
+    hp: MemitHparams,
+    pad_id: int,
+    progress: bool = False,
+) -> list[TargetVector]:
+    """`optimise_target` for B requests at once: every request's prompts and KL prompt are rows of one batch, each
+    request has its own δ (a row of a (B, d) parameter) added at its rows' fact tokens, so one forward per step
+    serves all of them. Each request keeps its own loss, Adam moments (Adam is element-wise), ‖δ‖ clamp and early
+    stop (a request that stops is frozen while the others go on): the target vectors of B separate optimisations.
+    B = 1 is `optimise_target` itself."""
+    if len(rewrites) == 1:
+        return [optimise_target(adapter, rewrites[0], kls[0], hp, pad_id, progress)]
+    layer = hp.layers[-1]
+    device = _device(adapter.model)
+    n_req = len(rewrites)
+    prompts, row_request, kl_rows, bare_rows = [], [], [], []
+    for i, (rewrite, kl) in enumerate(zip(rewrites, kls)):
+        bare_rows.append(len(prompts))
+        prompts += list(rewrite)
+        row_request += [i] * len(rewrite)
+        kl_rows.append(len(prompts))
+        prompts.append(kl)
+        row_request.append(i)
+    batch = PromptBatch.of(prompts, pad_id, device)
+    row_request_t = torch.tensor(row_request, device=device)
+    is_rewrite = torch.ones(len(prompts), dtype=torch.bool, device=device)
+    is_rewrite[kl_rows] = False
+    target_mask = batch.answer_mask[:, 1:] & is_rewrite[:, None]
+    t_rows, t_cols = target_mask.nonzero(as_tuple=True)
+    targets = batch.input_ids[:, 1:][t_rows, t_cols]
+    kl_rows_t = torch.tensor(kl_rows, device=device)
+    positions = (torch.cat([t_rows, kl_rows_t]), torch.cat([t_cols, batch.fact_index[kl_rows_t]]))
+    cached = PrefixCachedEditor(adapter, batch, layer, positions)
+    editor = cached if cached.ok else ResidualEditor(adapter, batch, layer, positions)
+    bare = torch.tensor(bare_rows, device=device)
+    h0 = capture_at_subject(adapter, batch, [], layer)[1][bare]  # (B, d): block `layer`'s output at the fact token
+    h_norm = h0.norm(dim=1)
+    tokens_per_row = target_mask.sum(1).to(h0.dtype).clamp(min=1)
+    rewrites_per_request = torch.tensor([len(r) for r in rewrites], device=device, dtype=h0.dtype)
+
+    delta = torch.zeros_like(h0, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=hp.v_lr)
+    kl_init: torch.Tensor | None = None
+    active = torch.ones(n_req, dtype=torch.bool, device=device)
+    steps = [0] * n_req
+    nll_at_stop = [float("nan")] * n_req
+    bar = Progress(
+        hp.v_num_grad_steps, f"target vectors of {n_req} requests (each stops at the loss floor)", progress, "step"
+    )
+    with torch.enable_grad():
+        for step in range(hp.v_num_grad_steps):
+            bar.update()
+            logits = _work(editor.logits(delta[row_request_t]))
+            log_probs = torch.log_softmax(logits[: len(t_rows)], dim=-1)
+            token_logp = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+            per_row = torch.zeros(len(prompts), device=device, dtype=h0.dtype).index_add(0, t_rows, token_logp)
+            per_row = per_row / tokens_per_row
+            nll = (
+                -torch.zeros(n_req, device=device, dtype=h0.dtype).index_add(
+                    0, row_request_t[is_rewrite], per_row[is_rewrite]
+                )
+                / rewrites_per_request
+            )
+            kl_logp = torch.log_softmax(logits[len(t_rows) :], dim=-1)  # (B, V), request order
+            if kl_init is None:
+                kl_init = kl_logp.detach()
+            kl_loss = hp.kl_factor * (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)
+            decay = hp.v_weight_decay * delta.norm(dim=1) / h_norm**2
+            loss = nll + kl_loss + decay
+            values, nll_values = loss.detach(), nll.detach()
+            for i in torch.nonzero(active).flatten().tolist():
+                steps[i] = step + 1
+                nll_at_stop[i] = nll_values[i].item()
+                if values[i].item() < hp.early_stop_loss or step == hp.v_num_grad_steps - 1:
+                    active[i] = False
+            if not active.any():
+                break
+            (grad,) = torch.autograd.grad(loss[active].sum(), [delta])
+            frozen = delta.detach()[~active].clone()
+            delta.grad = grad
+            optimiser.step()
+            with torch.no_grad():
+                delta[~active] = frozen
+                max_norm = hp.clamp_norm_factor * h_norm
+                norms = delta.norm(dim=1)
+                scale = torch.where(active & (norms > max_norm), max_norm / norms, torch.ones_like(norms))
+                delta.mul_(scale[:, None])
+    bar.close()
+    z = (h0 + delta).detach()
+    if not torch.isfinite(z).all():
+        raise EditError("a target vector is not finite")
+    return [
+        TargetVector(
+            z[i],
+            h_norm[i].item(),
+            delta.detach()[i].norm().item(),
+            steps[i],
+            nll_at_stop[i],
+            cached.ok or editor.shortcut,
+        )
+        for i in range(n_req)
+    ]
+
+
+# --- context prefixes -------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -366,8 +542,9 @@ def generate_prefixes(
         for _ in range(max(0, length - len(start))):
             # The whole mask (past and fresh tokens): without it HF warns about padding when BOS is the pad id.
             mask = torch.ones((1, len(ids)), dtype=torch.long, device=device)
-            out = model(input_ids=torch.tensor([fresh], device=device), attention_mask=mask, use_cache=True,
-                        **{cache_kw: past})
+            out = model(
+                input_ids=torch.tensor([fresh], device=device), attention_mask=mask, use_cache=True, **{cache_kw: past}
+            )
             past = out.cache if cache_kw == "cache" else out.past_key_values
             logits = out.logits[0, -1]
             top = torch.topk(logits.float().cpu(), 5)
@@ -381,8 +558,7 @@ def generate_prefixes(
     return prefixes
 
 
-# --- the edit
-# -----------------------------------------------------------------------------------------------------
+# --- the edit ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -397,8 +573,7 @@ class EditResult:
 
 
 def _mean_keys(keys: torch.Tensor, n_requests: int, n_prompts: int) -> torch.Tensor:
-    """(n_requests·n_prompts, d) → (d, n_requests): the bare prompt and the generated prefixes weigh half
-    each."""
+    """(n_requests·n_prompts, d) → (d, n_requests): the bare prompt and the generated prefixes weigh half each."""
     keys = keys.view(n_requests, n_prompts, -1)
     if n_prompts == 1:
         return keys[:, 0].T
@@ -415,19 +590,21 @@ def apply_memit(
     bos_ids: Sequence[int],
     pad_id: int,
     progress: bool = False,
+    targets: Sequence[TargetVector] | None = None,
 ) -> EditResult:
     """Edit every request at once: targets at the last edit layer, then the update of each layer in turn.
 
-    """
+    `targets`: the requests' target vectors when already optimised (`optimise_targets` of many requests at once,
+    then each request edited alone: the forecast's single edits); they depend only on the unedited model."""
     device = _device(adapter.model)
     contexts = ["", *prefixes]
     start = time.perf_counter()
     prompts = [request_prompts(tokenizer, r, contexts, bos_ids, hp.fact_token) for r in requests]
-    targets = [
-        optimise_target(adapter, p, kl_prompt(tokenizer, r.subject, bos_ids, hp.fact_token), hp, pad_id,
-                        progress)
-        for r, p in zip(requests, prompts)
-    ]
+    if targets is None:
+        kls = [kl_prompt(tokenizer, r.subject, bos_ids, hp.fact_token) for r in requests]
+        targets = optimise_targets(adapter, prompts, kls, hp, pad_id, progress)
+    elif len(targets) != len(requests):
+        raise ValueError(f"{len(targets)} target vectors for {len(requests)} requests")
     t_targets = time.perf_counter() - start
     z = torch.stack([t.z for t in targets], dim=1)  # (d_model, n)
     batch = PromptBatch.of([p for per_request in prompts for p in per_request], pad_id, device)
@@ -448,6 +625,4 @@ def apply_memit(
         # ΔW = R Vᵀ with R the spread residuals: V = ΔWᵀR(RᵀR)⁺ recovers the keys' factor exactly
         u = spread.to(update)
         updates[layer] = (u, update.T @ u @ torch.linalg.pinv(u.T @ u))
-    return EditResult(
-        targets, delta_norms, residual_norms, t_targets, time.perf_counter() - start - t_targets, updates
-    )
+    return EditResult(targets, delta_norms, residual_norms, t_targets, time.perf_counter() - start - t_targets, updates)

@@ -1,9 +1,7 @@
-"""Edit requests from knowledge pieces (subject, prompt, a seeded counterfactual answer), and their token
-layout.
+"""Edit requests from knowledge pieces (subject, prompt, a seeded counterfactual answer), and their token layout.
 
-The subject's last token is found by character offsets in the text actually fed to the model, then shifted by
-the
-BOS ids put in front — so a LLaMA BOS never moves the position MEMIT reads keys from and writes to.
+The subject's last token is found by character offsets in the text actually fed to the model, then shifted by the BOS
+ids put in front — so a LLaMA BOS never moves the position MEMIT reads keys from and writes to.
 """
 
 from __future__ import annotations
@@ -15,15 +13,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lit_coupling.data.counterfact import CounterFactCase
-from lit_coupling.data.piece import KnowledgePiece
-from lit_coupling.editing.answer_types import (
+from lit_coupling.data.answer_types import (
     TypedEntities,
     answer_type,
     entities_from_paragraphs,
     entities_from_truth,
+    lexicon_type,
     same_type_candidates,
 )
+from lit_coupling.data.counterfact import CounterFactCase
+from lit_coupling.data.piece import KnowledgePiece
 from lit_coupling.errors import UserError
 from lit_coupling.scoring import cloze_text, encode_cloze, normalize_answer
 
@@ -68,8 +67,7 @@ def subject_span(prompt: str, subject: str) -> tuple[int, int] | None:
 
 
 def relation_template(piece: KnowledgePiece) -> str | None:
-    """The piece's prompt with its subject cut out ("The author of {} is"): pieces sharing it share a
-    relation."""
+    """The piece's prompt with its subject cut out ("The author of {} is"): pieces sharing it share a relation."""
     span = subject_span(piece.prompt, piece.subject)
     return None if span is None else piece.prompt[: span[0]] + "{}" + piece.prompt[span[1] :]
 
@@ -94,8 +92,10 @@ def entities_for_source(path: str | Path | None) -> TypedEntities:
     return entities_from_paragraphs(paragraphs.items())
 
 
-_FUNCTION_WORDS = frozenset("a an the is was are were be been of in on at to for from by with as and or its his "
-                            "her their it he she they".split())
+_FUNCTION_WORDS = frozenset(
+    "a an the is was are were be been of in on at to for from by with as and or its his "
+    "her their it he she they".split()
+)
 
 
 def names_a_relation(template: str) -> bool:
@@ -158,9 +158,31 @@ def counterfactual_choices(
         else:
             out[index] = None
             continue
-        choices = list(dict.fromkeys(a for a in pool if normalize_answer(a) not in (true, "")))
+        choices = list(
+            dict.fromkeys(with_article(piece.answer, a) for a in pool if normalize_answer(a) not in (true, ""))
+        )
         out[index] = (choices, kind, evidence) if choices else None
     return out
+
+
+_ARTICLE = re.compile(r"^(a|an|the) ", re.I)
+
+
+_NAMES_WITHOUT_ARTICLE = ("city", "country", "US state", "place", "nationality", "language")
+
+
+def with_article(true: str, new: str) -> str:
+    """The new answer written as the true one is: "a genus" → "a tree", "an" before a vowel, "the" kept ("the Big
+    East"). A place name or nationality the lexicons know never borrows one ("the United States" → "France", not
+    "the France"): where such a name takes "the", the candidate carries it itself."""
+    found = _ARTICLE.match(true)
+    if not found or _ARTICLE.match(new) or lexicon_type(new) in _NAMES_WITHOUT_ARTICLE:
+        return new
+    article = found.group(1)
+    if article.lower() in ("a", "an"):
+        article = "an" if new[:1].lower() in "aeiou" else "a"
+        article = article.capitalize() if found.group(1)[0].isupper() else article
+    return f"{article} {new}"
 
 
 def plan_requests(
@@ -210,22 +232,33 @@ def plan_requests(
     for edit_id, k in enumerate(order[: max(0, max_experiments)]):
         index, cf = eligible[k]
         piece = pieces[index]
-        requests.append(EditRequest(edit_id, index, piece.id, piece.prompt, piece.subject, piece.answer, cf.new,
-                                    cf.kind, cf.evidence))
-    return RequestPlan(requests, len(eligible), dict(skipped), sources, None if known is None else n_known,
-                       unmatched, dict(types))
+        requests.append(
+            EditRequest(
+                edit_id, index, piece.id, piece.prompt, piece.subject, piece.answer, cf.new, cf.kind, cf.evidence
+            )
+        )
+    return RequestPlan(
+        requests, len(eligible), dict(skipped), sources, None if known is None else n_known, unmatched, dict(types)
+    )
 
 
 def plan_counterfact(
     cases: Sequence[CounterFactCase], max_experiments: int, seed: int = 0, known: Sequence[bool] | None = None
 ) -> RequestPlan:
     """CounterFact's requested rewrites as edits (its own counterfactual targets, of its relation's type), drawn
-    seeded from the cases the model knows (`known`, one flag per case) like `plan_requests`."""
+    seeded from the cases the model knows (`known`, one flag per case) like `plan_requests`. A case whose new
+    object is of another type than its true one (`CounterFactCase.type_mismatch`) is not edited: counted as
+    unmatched."""
     skipped: Counter[str] = Counter()
     eligible, types = [], Counter()
+    unmatched = 0  # cases whose new object is of another type than the true one (CounterFactCase.type_mismatch)
     for index, case in enumerate(cases):
         if subject_span(case.prompt, case.subject) is None:
             skipped["subject not in prompt"] += 1
+            continue
+        if case.type_mismatch():
+            unmatched += 1
+            skipped[NO_SAME_TYPE] += 1
             continue
         if known is not None and not known[index]:
             skipped[NOT_KNOWN] += 1
@@ -238,10 +271,22 @@ def plan_counterfact(
     for edit_id, k in enumerate(order[: max(0, max_experiments)]):
         case = cases[eligible[k]]
         kind, evidence = case.answer_type()
-        requests.append(EditRequest(edit_id, -1, f"counterfact/{case.case_id}", case.prompt, case.subject,
-                                    case.target_true, case.target_new, kind, evidence, case.probes()))
+        requests.append(
+            EditRequest(
+                edit_id,
+                -1,
+                f"counterfact/{case.case_id}",
+                case.prompt,
+                case.subject,
+                case.target_true,
+                case.target_new,
+                kind,
+                evidence,
+                case.probes(),
+            )
+        )
     n_known = None if known is None else sum(map(bool, known))
-    return RequestPlan(requests, len(eligible), dict(skipped), len(cases), n_known, 0, dict(types))
+    return RequestPlan(requests, len(eligible), dict(skipped), len(cases), n_known, unmatched, dict(types))
 
 
 # Where MEMIT reads keys and writes the target vector, relative to the subject (the public implementation's
@@ -289,9 +334,8 @@ def tokenize_with_subject(
     subject_start: int | None = None,
     fact_token: str = "subject_last",
 ) -> TokenizedPrompt:
-    """Joint tokenisation (as every score is computed) plus the index of the token holding char `subject_end −
-    1`
-    (and, given `subject_start`, of the token holding that char), and the `fact_token` position."""
+    """Joint tokenisation (as every score is computed) plus the index of the token holding char `subject_end − 1` (and,
+    given `subject_start`, of the token holding that char), and the `fact_token` position."""
     prompt_ids, answer_ids = encode_cloze(tokenizer, prompt, answer, bos_ids)
     text = cloze_text(prompt, answer)
     if getattr(tokenizer, "is_fast", False):
@@ -322,9 +366,7 @@ def request_prompts(
     """The request prompt under each context prefix ("" first), each followed by the new answer."""
     span = subject_span(request.prompt, request.subject)
     if span is None:
-        raise UserError(
-            f"edit {request.edit_id}: subject {request.subject!r} is not in prompt {request.prompt!r}"
-        )
+        raise UserError(f"edit {request.edit_id}: subject {request.subject!r} is not in prompt {request.prompt!r}")
     return [
         tokenize_with_subject(
             tokenizer,

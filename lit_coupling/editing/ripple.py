@@ -1,5 +1,4 @@
-"""Measuring an edit: every piece scored before and after, the edit's own efficacy, generalisation and
-locality.
+"""Measuring an edit: every piece scored before and after, the edit's own efficacy, generalisation and locality.
 
 The JSON record of one edit and the flat (edit, piece) table are built here; `docs/outputs.md` describes both.
 """
@@ -21,11 +20,13 @@ from lit_coupling.errors import UserError
 from lit_coupling.progress import Progress
 from lit_coupling.scoring import (
     CachedScores,
+    PrefixReuse,
     collate_clozes,
     encode_cloze,
     generated_exact_match,
     greedy_continuations,
     normalize_answer,
+    padded_batches,
     score_batch,
     supports_cached_scoring,
 )
@@ -79,12 +80,16 @@ def may_still_match(tokenizer, ids: Sequence[int], answer: str) -> bool:
     if want.startswith(got):
         return True
     words = got.split()
-    return bool(words) and any(a.startswith(words[-1]) for a in ("a", "an", "the")) and want.startswith(
-        " ".join(words[:-1]))
+    return (
+        bool(words)
+        and any(a.startswith(words[-1]) for a in ("a", "an", "the"))
+        and want.startswith(" ".join(words[:-1]))
+    )
 
 
-def greedy_decision(tokenizer, answer_ids: Sequence[int], greedy: Sequence[int], following: int, answer: str,
-                    eos_id: int | None) -> bool | None:
+def greedy_decision(
+    tokenizer, answer_ids: Sequence[int], greedy: Sequence[int], following: int, answer: str, eos_id: int | None
+) -> bool | None:
     """Greedy answer match decided from one teacher-forced pass, or None when decoding must go on to tell.
 
     `greedy` holds the argmax after the prompt and after each answer prefix, `following` the argmax after the
@@ -102,7 +107,7 @@ def greedy_decision(tokenizer, answer_ids: Sequence[int], greedy: Sequence[int],
         return generated_exact_match(tokenizer, list(answer_ids), answer)
     base = tokenizer.decode(list(answer_ids), skip_special_tokens=True)
     full = tokenizer.decode([*answer_ids, following], skip_special_tokens=True)
-    extra = full[len(base):] if full.startswith(base) else None
+    extra = full[len(base) :] if full.startswith(base) else None
     if extra is None or (extra and not extra[0].isspace() and not extra[0].isalnum()):
         return None
     return generated_exact_match(tokenizer, [*answer_ids, following], answer)
@@ -118,30 +123,30 @@ def score_clozes(
     pad_id: int,
     generate: str = "needed",
     progress: Progress | None = None,
+    reuse: PrefixReuse | None = None,
 ) -> tuple[PieceScores, list[str]]:
     """Teacher-forced and greedy scores of (prompt ids, answer ids) items, in their order; also the greedy texts.
 
-    Batches are drawn shortest prompt first: pieces of about the same length pad little (real HotpotQA pieces
-    run from 5 to 45 GPT-2 tokens). The teacher-forced pass also gives greedy decoding's tokens while it follows
-    the answer, which settle the greedy match of most items (`greedy_decision`); `generate` = needed decodes only
-    the others (an item settled without decoding gets the text greedy decoding had reached), all decodes every
-    item (texts for the report), none decodes nothing (gen_em then holds the settled items' answers and False
-    elsewhere). Decoding goes on from the teacher-forced pass's KV cache (`CachedScores.continue_greedy`: the
-    prompt is not run again) where the model allows it, and stops at the item's answer length +
-    EXTRA_GENERATED_TOKENS.
+    Batches are cut by length so they pad little (`scoring.padded_batches`: real HotpotQA pieces run from 5 to 45
+    tokens). With `reuse` (`scoring.PrefixReuse`), the first call keeps each batch's states below the first
+    edited block and every later call with the same items runs only the blocks from there up.
+
+    The teacher-forced pass also gives greedy decoding's tokens while it follows the answer, which settle the greedy
+    match of most items (`greedy_decision`); `generate` = needed decodes only the others (an item settled without
+    decoding gets the text greedy decoding had reached), all decodes every item (texts for the report), none decodes
+    nothing (gen_em then holds the settled items' answers and False elsewhere). Decoding goes on from the
+    teacher-forced pass's KV cache (`CachedScores.continue_greedy`: the prompt is not run again) where the model
+    allows it, and stops at the item's answer length + EXTRA_GENERATED_TOKENS.
     """
     n = len(items)
-    # Prompt length first (not the whole length, as GradSim's batches): decoding goes on after the prompts.
-    order = sorted(range(n), key=lambda i: (len(items[i][0]), len(items[i][1])))
     logp, tf_em, gen_em, texts, rank = [0.0] * n, [False] * n, [False] * n, [""] * n, [0] * n
     eos = tokenizer.eos_token_id
     cached = supports_cached_scoring(model)
     undecided: list[int] = []
-    for start in range(0, n, batch_size):
-        rows = order[start : start + batch_size]
+    for rows in padded_batches([len(p) + len(a) for p, a in items], batch_size):
         chunk = [items[i] for i in rows]
         if cached:
-            result = CachedScores(model, chunk, pad_id)
+            result = CachedScores(model, chunk, pad_id, reuse, ("clozes", n, tuple(rows)))
             greedy, following, batch_rank = result.greedy, result.next, result.rank
             batch_logp, batch_tf = result.logp, result.tf_em
         else:
@@ -191,12 +196,18 @@ def score_clozes(
 
 
 def score_pieces(
-    model, tokenizer, pieces: Sequence[KnowledgePiece], batch_size: int, pad_id: int,
+    model,
+    tokenizer,
+    pieces: Sequence[KnowledgePiece],
+    batch_size: int,
+    pad_id: int,
     progress: Progress | None = None,
+    reuse: PrefixReuse | None = None,
 ) -> PieceScores:
     items = [(p.prompt_ids, p.answer_ids) for p in pieces]
-    return score_clozes(model, tokenizer, items, [p.answer for p in pieces], batch_size, pad_id,
-                        progress=progress)[0]
+    return score_clozes(
+        model, tokenizer, items, [p.answer for p in pieces], batch_size, pad_id, progress=progress, reuse=reuse
+    )[0]
 
 
 def question_of(pieces: Sequence[KnowledgePiece], source: int) -> int | None:
@@ -229,19 +240,23 @@ def _pair(tokenizer, prompts: Sequence[str], true: str, new: str, bos_ids, probe
     return pairs
 
 
-def build_probes(
-    tokenizer, request: EditRequest, pieces: Sequence[KnowledgePiece], bos_ids: Sequence[int]
-) -> Probes:
+def build_probes(tokenizer, request: EditRequest, pieces: Sequence[KnowledgePiece], bos_ids: Sequence[int]) -> Probes:
     prompt_ids, new_ids = encode_cloze(tokenizer, request.prompt, request.target_new, bos_ids)
     if request.source_index < 0:  # a CounterFact case: no piece, no chain
         true_item = encode_cloze(tokenizer, request.prompt, request.target_true, bos_ids)
         probes = Probes([true_item, (prompt_ids, new_ids)], [request.target_true, request.target_new], None, False)
         case = request.counterfact or {}
-        probes.paraphrase = _pair(tokenizer, case.get("paraphrase_prompts", []), request.target_true,
-                                  request.target_new, bos_ids, probes)
-        probes.neighborhood = _pair(tokenizer, case.get("neighborhood_prompts", []),
-                                    case.get("neighborhood_true") or request.target_true, request.target_new,
-                                    bos_ids, probes)
+        probes.paraphrase = _pair(
+            tokenizer, case.get("paraphrase_prompts", []), request.target_true, request.target_new, bos_ids, probes
+        )
+        probes.neighborhood = _pair(
+            tokenizer,
+            case.get("neighborhood_prompts", []),
+            case.get("neighborhood_true") or request.target_true,
+            request.target_new,
+            bos_ids,
+            probes,
+        )
         return probes
     source = pieces[request.source_index]
     items = [(list(source.prompt_ids), list(source.answer_ids)), (prompt_ids, new_ids)]
@@ -375,8 +390,10 @@ def experiment_record(
         "error": None,
         "time_s": time_s,
         "efficacy": efficacy,
-        "counterfact": {"before": counterfact_metrics(probes, probe_before),
-                        "after": counterfact_metrics(probes, probe_after)},
+        "counterfact": {
+            "before": counterfact_metrics(probes, probe_before),
+            "after": counterfact_metrics(probes, probe_after),
+        },
         "generalisation": generalisation,
         "locality": {"other_chains": _group(before, after, other), "same_chain": _group(before, after, same)},
         "memit": memit_info,
@@ -416,12 +433,13 @@ def summarise(records: Sequence[dict]) -> dict:
         return sum(map(bool, values)) / len(values) if values else None
 
     def after(key: str) -> float | None:
-        return _mean(r["counterfact"]["after"][key] for r in ok
-                     if r.get("counterfact") and r["counterfact"]["after"][key] is not None)
+        return _mean(
+            r["counterfact"]["after"][key]
+            for r in ok
+            if r.get("counterfact") and r["counterfact"]["after"][key] is not None
+        )
 
-    follows = [
-        r["generalisation"] for r in ok if r["generalisation"] and r["generalisation"]["answer_follows_edit"]
-    ]
+    follows = [r["generalisation"] for r in ok if r["generalisation"] and r["generalisation"]["answer_follows_edit"]]
     types: dict[str, int] = {}
     for r in records:
         types[r.get("answer_type") or "untyped"] = types.get(r.get("answer_type") or "untyped", 0) + 1
@@ -430,9 +448,7 @@ def summarise(records: Sequence[dict]) -> dict:
         "ok": len(ok),
         "failed": n - len(ok),
         "efficacy_logp": rate([r["efficacy"]["success"] for r in ok] + [False] * (n - len(ok))),
-        "efficacy_generated": rate(
-            [r["efficacy"]["generated_success"] for r in ok] + [False] * (n - len(ok))
-        ),
+        "efficacy_generated": rate([r["efficacy"]["generated_success"] for r in ok] + [False] * (n - len(ok))),
         "known_before": rate(r["efficacy"]["known_before"] for r in ok),
         "efficacy_score": after("efficacy_score"),
         "efficacy_magnitude": after("efficacy_magnitude"),
@@ -488,8 +504,7 @@ PAIR_COLUMNS = (
 
 
 def pair_rows(records: Sequence[dict], pieces: Sequence[KnowledgePiece]) -> list[dict]:
-    """One row per (successfully measured edit, piece). rel_delta_logp = ΔlogP_j / ΔlogP_i, i the edited
-    piece."""
+    """One row per (successfully measured edit, piece). rel_delta_logp = ΔlogP_j / ΔlogP_i, i the edited piece."""
     rows = []
     for r in records:
         if r["status"] != "ok":
@@ -532,9 +547,6 @@ def pairs_csv(rows: Sequence[dict]) -> str:
     writer.writeheader()
     for row in rows:
         writer.writerow(
-            {
-                k: (repr(v) if isinstance(v, float) else int(v) if isinstance(v, bool) else v)
-                for k, v in row.items()
-            }
+            {k: (repr(v) if isinstance(v, float) else int(v) if isinstance(v, bool) else v) for k, v in row.items()}
         )
     return buffer.getvalue()

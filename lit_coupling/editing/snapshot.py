@@ -1,5 +1,4 @@
-"""Bit-exact snapshots of the weights an edit touches, and a checksum of a whole model to prove they came
-back."""
+"""Bit-exact snapshots of the weights an edit touches, and a checksum of a whole model to prove they came back."""
 
 from __future__ import annotations
 

@@ -26,10 +26,12 @@ def cosine_from_inner(inner: np.ndarray, in_place: bool = False) -> tuple[np.nda
     norms2 = np.diagonal(inner).astype(np.float64)
     bad = ~np.isfinite(norms2)
     if bad.any():
-        raise NonFiniteGradient(f"{int(bad.sum())} piece(s) have a non-finite gradient (rows "
-                                f"{np.flatnonzero(bad)[:10].tolist()}): the gradient overflowed, or the model "
-                                "computed NaN (its weights are checked when it loads). Under --dtype bfloat16 run "
-                                "with --dtype float32; in float32, check those pieces' inputs and the model")
+        raise NonFiniteGradient(
+            f"{int(bad.sum())} piece(s) have a non-finite gradient (rows "
+            f"{np.flatnonzero(bad)[:10].tolist()}): the gradient overflowed, or the model "
+            "computed NaN (its weights are checked when it loads). Under --dtype bfloat16 run "
+            "with --dtype float32; in float32, check those pieces' inputs and the model"
+        )
     zero = norms2 <= 0
     scale = np.zeros_like(norms2)
     scale[~zero] = 1.0 / np.sqrt(norms2[~zero])
@@ -53,8 +55,7 @@ def load_layer_inner(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         return data["inner"], data["layers"]
 
 
-def gradsim_over_layers(inner: np.ndarray, layers: np.ndarray, subset: Sequence[int]
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def gradsim_over_layers(inner: np.ndarray, layers: np.ndarray, subset: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """GradSim over a subset of the computed layers (model layer numbers): (cosine matrix, zero mask)."""
     positions = {int(layer): i for i, layer in enumerate(layers)}
     missing = [layer for layer in subset if layer not in positions]
@@ -66,8 +67,13 @@ def gradsim_over_layers(inner: np.ndarray, layers: np.ndarray, subset: Sequence[
     return cosine_from_inner(total, in_place=True)
 
 
-def summarise(cosine: np.ndarray, zero: np.ndarray, chain_ids: Sequence[str] | None = None,
-              max_quantile_pairs: int = 1_000_000, seed: int = 0) -> dict:
+def summarise(
+    cosine: np.ndarray,
+    zero: np.ndarray,
+    chain_ids: Sequence[str] | None = None,
+    max_quantile_pairs: int = 1_000_000,
+    seed: int = 0,
+) -> dict:
     """Distribution of GradSim over the pairs i < j of pieces with a gradient; same-chain vs other-chain means.
 
     Moments use every pair (row by row, so memory stays O(N)); quantiles use every pair up to
@@ -82,7 +88,7 @@ def summarise(cosine: np.ndarray, zero: np.ndarray, chain_ids: Sequence[str] | N
     for i in range(n - 1):
         if not keep[i]:
             continue
-        row = cosine[i, i + 1:][keep[i + 1:]].astype(np.float64)
+        row = cosine[i, i + 1 :][keep[i + 1 :]].astype(np.float64)
         if row.size == 0:
             continue
         count += row.size
@@ -91,26 +97,34 @@ def summarise(cosine: np.ndarray, zero: np.ndarray, chain_ids: Sequence[str] | N
         total_abs += np.abs(row).sum()
         low, high = min(low, row.min()), max(high, row.max())
         if chains is not None:
-            match = chains[i + 1:][keep[i + 1:]] == chains[i]
+            match = chains[i + 1 :][keep[i + 1 :]] == chains[i]
             same[0] += row[match].sum()
             same[1] += int(match.sum())
     result: dict = {"pieces": n, "pieces_with_gradient": int(keep.sum()), "pairs": int(count)}
     if count == 0:
         return result
     mean = total / count
-    result.update(mean=mean, std=float(np.sqrt(max(total_sq / count - mean * mean, 0.0))),
-                  mean_abs=total_abs / count, min=float(low), max=float(high))
+    result.update(
+        mean=mean,
+        std=float(np.sqrt(max(total_sq / count - mean * mean, 0.0))),
+        mean_abs=total_abs / count,
+        min=float(low),
+        max=float(high),
+    )
     rows, cols = np.triu_indices(n, 1) if count <= max_quantile_pairs else _sample_pairs(n, max_quantile_pairs, seed)
     ok = keep[rows] & keep[cols]
     values = cosine[rows[ok], cols[ok]].astype(np.float64)
     result["quantiles"] = {str(q): float(np.quantile(values, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)}
-    result["quantiles_from"] = "all pairs" if count <= max_quantile_pairs else \
-        f"a sample of {len(values)} pairs (seed {seed})"
+    result["quantiles_from"] = (
+        "all pairs" if count <= max_quantile_pairs else f"a sample of {len(values)} pairs (seed {seed})"
+    )
     if chains is not None:
         other_count = count - same[1]
         result["same_chain"] = {"pairs": same[1], "mean": same[0] / same[1] if same[1] else None}
-        result["other_chain"] = {"pairs": int(other_count),
-                                 "mean": (total - same[0]) / other_count if other_count else None}
+        result["other_chain"] = {
+            "pairs": int(other_count),
+            "mean": (total - same[0]) / other_count if other_count else None,
+        }
     return result
 
 

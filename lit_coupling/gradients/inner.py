@@ -40,7 +40,7 @@ def piece_gradients(x: Tensor, d: Tensor, tokens: Sequence[int] | Tensor) -> Ten
     out = x.new_empty((len(counts), d.shape[1], x.shape[1]))
     start = 0
     for i, count in enumerate(counts):
-        torch.mm(d[start:start + count].T, x[start:start + count], out=out[i])
+        torch.mm(d[start : start + count].T, x[start : start + count], out=out[i])
         start += count
     return out
 

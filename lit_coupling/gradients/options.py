@@ -37,5 +37,10 @@ class GradSimOptions:
         check_int("gradsim.k_out", self.k_out, 1)
         check_int("gradsim.projection_seed", self.projection_seed, 0, 2**32 - 1, optional=True)
         check_int("gradsim.batch_size", self.batch_size, 1)
-        check_float("gradsim.reduce_memory_gb", self.reduce_memory_gb, 0, low_open=True,
-                    hint="it is how many GB of one layer's inputs and gradients the reduction holds at once")
+        check_float(
+            "gradsim.reduce_memory_gb",
+            self.reduce_memory_gb,
+            0,
+            low_open=True,
+            hint="it is how many GB of one layer's inputs and gradients the reduction holds at once",
+        )

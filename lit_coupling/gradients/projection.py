@@ -20,12 +20,19 @@ def gaussian_factor(dim: int, k: int, generator: torch.Generator) -> Tensor:
     """dim × k with N(0, 1/k) entries (float64, CPU), or the identity when k ≥ dim."""
     if k >= dim:
         return torch.eye(dim, dtype=torch.float64)
-    return torch.randn(dim, k, generator=generator, dtype=torch.float64) / k ** 0.5
+    return torch.randn(dim, k, generator=generator, dtype=torch.float64) / k**0.5
 
 
-def kronecker_projection(d_in: int, d_out: int, k_in: int, k_out: int, seed: int, layer: int,
-                         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-                         ) -> tuple[Tensor, Tensor]:
+def kronecker_projection(
+    d_in: int,
+    d_out: int,
+    k_in: int,
+    k_out: int,
+    seed: int,
+    layer: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
     """(P_in (d_in, k_in'), P_out (d_out, k_out')) for one layer, k' = min(k, dim); drawn in float64 on the CPU so
     the same seed gives the same projection on every device and dtype."""
     generator = torch.Generator().manual_seed(layer_seed(seed, layer))

@@ -1,6 +1,6 @@
 """Blockwise reduction of GradSim shards: per-layer Gram matrices, then the N×N GradSim, with bounded memory.
 
-Only blocks j ≥ i are computed (the Gram matrix is symmetric). Per layer, at most `memory_gb` of inputs/output
+Only blocks j ≥ i are computed (the Gram matrix is symmetric). Per layer, at most `reduce_memory_gb` of inputs/output
 gradients is resident at once: when a layer's shard is larger, it is read in big blocks, pair by pair.
 """
 
@@ -28,6 +28,7 @@ from lit_coupling.gradients.inner import (
     ghost_inner,
     piece_gradients,
 )
+from lit_coupling.gradients.options import GradSimOptions
 from lit_coupling.gradients.shards import ShardSet
 from lit_coupling.outputs import (
     COUPLING_ANALYSIS,
@@ -44,10 +45,10 @@ ANALYSIS_FORMAT = "lit_coupling.coupling_analysis/1"
 
 @dataclass
 class ReduceSettings:
-    method: str = "auto"
-    """Exact mode: auto (per layer by cost), ghost or gemm."""
-    memory_gb: float = 4.0
-    """Inputs and output gradients (or built gradients) resident at once, per layer."""
+    """How the reduction runs: the user's settings (`GradSimOptions`: exact_method, reduce_memory_gb, progress) and
+    the block sizes, which only change speed."""
+
+    options: GradSimOptions = field(default_factory=GradSimOptions)
     block_tokens: int = 512
     """Ghost: tokens per row block. Small blocks waste less of the diagonal blocks (computed whole)."""
     column_tokens: int = 16384
@@ -55,8 +56,12 @@ class ReduceSettings:
     projected_rows: int = 2048
     """Projected: pieces per row block."""
     device: str = "cpu"
-    progress: bool = True
-    """Print a line per layer (a large exact reduction takes a while)."""
+
+    @classmethod
+    def for_device(cls, options: GradSimOptions, device: torch.device | str) -> ReduceSettings:
+        """Ghost row blocks of 512 tokens on CPU, 4096 on GPU (big GEMMs keep it busy)."""
+        block = 4096 if torch.device(device).type == "cuda" else 512
+        return cls(options, block_tokens=block, column_tokens=max(16384, 16 * block), device=str(device))
 
 
 def _ranges(weights: np.ndarray, limit: float) -> list[tuple[int, int]]:
@@ -88,9 +93,17 @@ class Resident:
         return tuple(t[lo:hi] for t in self.tensors)
 
 
-def symmetric_gram(n: int, load: Callable[[int, int], Resident], pair: Callable[[Resident, int, int, Resident, int,
-                   int], Tensor], resident_bytes: np.ndarray, memory_bytes: float, row_weights: np.ndarray,
-                   row_limit: float, column_limit: float, dtype: np.dtype) -> np.ndarray:
+def symmetric_gram(
+    n: int,
+    load: Callable[[int, int], Resident],
+    pair: Callable[[Resident, int, int, Resident, int, int], Tensor],
+    resident_bytes: np.ndarray,
+    memory_bytes: float,
+    row_weights: np.ndarray,
+    row_limit: float,
+    column_limit: float,
+    dtype: np.dtype,
+) -> np.ndarray:
     """N×N Gram matrix from blocks j ≥ i: big blocks of pieces as resident memory allows, then row blocks × column
     chunks inside each pair of big blocks."""
     gram = np.zeros((n, n), dtype=dtype)
@@ -116,7 +129,7 @@ def layer_gram(shards: ShardSet, layer: int, settings: ReduceSettings, dtype: to
     n, device = shards.num_pieces, torch.device(settings.device)
     item = torch.finfo(dtype).bits // 8
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    budget = settings.memory_gb * 2**30
+    budget = settings.options.reduce_memory_gb * 2**30
     tokens = shards.tokens
     if "g" in shards.kinds:
         k = shards.dim(layer, "g")
@@ -128,35 +141,41 @@ def layer_gram(shards: ShardSet, layer: int, settings: ReduceSettings, dtype: to
             return gemm_inner(bi.take(a0, a1)[0], bj.take(b0, b1)[0])
 
         ones = np.ones(n)
-        gram = symmetric_gram(n, load, pair, ones * k * item, budget, ones, settings.projected_rows,
-                              4 * settings.projected_rows, np_dtype)
+        gram = symmetric_gram(
+            n, load, pair, ones * k * item, budget, ones, settings.projected_rows, 4 * settings.projected_rows, np_dtype
+        )
         return gram, {"method": "projected", "dims": k}
 
     d_in, d_out = shards.dim(layer, "x"), shards.dim(layer, "d")
     gradient_bytes = d_in * d_out * item
     # Half the budget for built G_i (a row block and a column chunk), half for the resident x and d.
     gemm_pieces = max(1, int(budget / 4 / gradient_bytes))
-    method = settings.method
+    method = settings.options.exact_method
     if method == "auto":
         method = choose_method(tokens.tolist(), d_in, d_out, gemm_pieces)
     elif method not in METHODS:
         raise UserError(f"exact method {method!r} is unknown: choose auto, ghost or gemm")
-    flops = {"ghost": ghost_flops(tokens.tolist(), d_in, d_out),
-             "gemm": gemm_flops(tokens.tolist(), d_in, d_out, gemm_pieces)}
+    flops = {
+        "ghost": ghost_flops(tokens.tolist(), d_in, d_out),
+        "gemm": gemm_flops(tokens.tolist(), d_in, d_out, gemm_pieces),
+    }
 
     def load(a: int, b: int) -> Resident:
-        return Resident(a, (shards.read(layer, "x", a, b, dtype, device), shards.read(layer, "d", a, b, dtype, device)),
-                        tokens[a:b])
+        return Resident(
+            a, (shards.read(layer, "x", a, b, dtype, device), shards.read(layer, "d", a, b, dtype, device)), tokens[a:b]
+        )
 
     resident = tokens * (d_in + d_out) * item
     if method == "ghost":
+
         def pair(bi, a0, a1, bj, b0, b1):
             x_a, d_a = bi.take(a0, a1)
             x_b, d_b = bj.take(b0, b1)
             return ghost_inner(x_a, d_a, torch.as_tensor(tokens[a0:a1]), x_b, d_b, torch.as_tensor(tokens[b0:b1]))
 
-        gram = symmetric_gram(n, load, pair, resident, budget, tokens, settings.block_tokens,
-                              settings.column_tokens, np_dtype)
+        gram = symmetric_gram(
+            n, load, pair, resident, budget, tokens, settings.block_tokens, settings.column_tokens, np_dtype
+        )
     else:
         cache: dict = {}
 
@@ -168,18 +187,30 @@ def layer_gram(shards: ShardSet, layer: int, settings: ReduceSettings, dtype: to
         ones = np.ones(n)
         gram = symmetric_gram(n, load, pair, resident, budget / 2, ones, gemm_pieces, gemm_pieces, np_dtype)
         cache.clear()
-    return gram, {"method": method, "d_in": d_in, "d_out": d_out, "estimated_gflop": {
-        k: round(v / 1e9, 3) for k, v in flops.items()}}
+    return gram, {
+        "method": method,
+        "d_in": d_in,
+        "d_out": d_out,
+        "estimated_gflop": {k: round(v / 1e9, 3) for k, v in flops.items()},
+    }
 
 
 def _npy_header(f, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                             "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_2_0(
+        f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    )
 
 
-def reduce_shards(shards: ShardSet, out_dir: str | Path, num_pieces: int, settings: ReduceSettings,
-                  dtype: torch.dtype, info: dict, piece_ids: list[str] | None = None,
-                  chain_ids: list[str] | None = None) -> dict:
+def reduce_shards(
+    shards: ShardSet,
+    out_dir: str | Path,
+    num_pieces: int,
+    settings: ReduceSettings,
+    dtype: torch.dtype,
+    info: dict,
+    piece_ids: list[str] | None = None,
+    chain_ids: list[str] | None = None,
+) -> dict:
     """Write coupling_layers.npz, coupling_matrix.npy, piece_hidden.npy and coupling_analysis.json; return the
     analysis document.
 
@@ -190,8 +221,10 @@ def reduce_shards(shards: ShardSet, out_dir: str | Path, num_pieces: int, settin
     index = shards.index
     if len(index) != num_pieces or not np.array_equal(np.sort(index), np.arange(num_pieces)):
         missing = np.setdiff1d(np.arange(num_pieces), index)
-        raise RuntimeError(f"the GradSim shards hold {len(index)} predictions for {num_pieces} pieces "
-                           f"(missing {missing[:10].tolist()}, duplicated: {len(index) - len(np.unique(index))})")
+        raise RuntimeError(
+            f"the GradSim shards hold {len(index)} predictions for {num_pieces} pieces "
+            f"(missing {missing[:10].tolist()}, duplicated: {len(index) - len(np.unique(index))})"
+        )
     order = np.argsort(index, kind="stable")  # storage position of piece i
     n, layers = num_pieces, shards.layers
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
@@ -208,17 +241,24 @@ def reduce_shards(shards: ShardSet, out_dir: str | Path, num_pieces: int, settin
                     layer_start = time.perf_counter()
                     gram, how = layer_gram(shards, layer, settings, dtype)
                     for r0 in range(0, n, rows_per_chunk):
-                        rows = gram[order[r0:r0 + rows_per_chunk]][:, order]  # storage order → piece order
+                        rows = gram[order[r0 : r0 + rows_per_chunk]][:, order]  # storage order → piece order
                         f.write(np.ascontiguousarray(rows).tobytes())
-                        total[r0:r0 + rows_per_chunk] += rows
+                        total[r0 : r0 + rows_per_chunk] += rows
                     layer_norms[li] = np.diagonal(gram)[order]
                     per_layer[str(layer)] = {**how, "seconds": round(time.perf_counter() - layer_start, 3)}
-                    if settings.progress:
-                        print(f"gradsim: layer {layer} ({li + 1}/{len(layers)}) {how['method']}, "
-                              f"{per_layer[str(layer)]['seconds']:.1f} s", file=sys.stderr, flush=True)
+                    if settings.options.progress:
+                        print(
+                            f"gradsim: layer {layer} ({li + 1}/{len(layers)}) {how['method']}, "
+                            f"{per_layer[str(layer)]['seconds']:.1f} s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                     del gram
-            for name, array in (("layers", np.asarray(layers, dtype=np.int64)),
-                                ("logp", shards.logp()[order]), ("tokens", shards.tokens[order])):
+            for name, array in (
+                ("layers", np.asarray(layers, dtype=np.int64)),
+                ("logp", shards.logp()[order]),
+                ("tokens", shards.tokens[order]),
+            ):
                 with archive.open(f"{name}.npy", "w") as f:
                     np.lib.format.write_array(f, array)
 
@@ -243,3 +283,89 @@ def reduce_shards(shards: ShardSet, out_dir: str | Path, num_pieces: int, settin
     document.setdefault("timing", {})["reduce_s"] = round(time.perf_counter() - start, 3)
     write_json(out_dir / COUPLING_ANALYSIS, document)
     return document
+
+
+def reduce_gradsim(
+    shards: ShardSet,
+    out_dir: str | Path,
+    settings: ReduceSettings,
+    dtype: torch.dtype,
+    info: dict,
+    pieces: list | None = None,
+) -> tuple[dict, list[str]]:
+    """The N×N GradSim of a finished predict job: its shards → the coupling files in `out_dir`; then the shards go
+    (unless `keep_shards`). Returns (the coupling_analysis.json document, the files written).
+
+    Called once, on global rank 0, after every rank's `GradSimWriter` has closed its shard: by the gradsim stage, and
+    by `lit-coupling predict` for a GradSim config. `pieces` (KnowledgePiece, in file order) name the rows and the
+    chains; without them the rows are the shards' piece indices.
+    """
+    out_dir = Path(out_dir)
+    analysis = reduce_shards(
+        shards,
+        out_dir,
+        len(pieces) if pieces else int(shards.index.max()) + 1,
+        settings,
+        dtype,
+        info,
+        piece_ids=[p.id for p in pieces] if pieces else None,
+        chain_ids=[p.chain_id for p in pieces] if pieces else None,
+    )
+    if not settings.options.keep_shards:
+        shards.remove()
+        try:
+            shards.directory.rmdir()
+        except OSError:  # holds something that is not ours
+            pass
+    return analysis, [
+        str(out_dir / name) for name in (COUPLING_MATRIX, COUPLING_LAYERS, PIECE_HIDDEN, COUPLING_ANALYSIS)
+    ]
+
+
+def reduce_predict_job(trainer, module, writer, pieces: list | None = None) -> tuple[dict, list[str]] | None:
+    """After `trainer.predict` of a GradientModule with a GradSimWriter: on global rank 0, the N×N files from the
+    shards the writer wrote, with what the module records about the model and the method; None on other ranks."""
+    from lit_coupling.gradients.inner import accumulation_dtype
+
+    if not trainer.is_global_zero:
+        return None
+    info = {
+        "model": module.model_info,
+        "method": module.method_info(),
+        "run": {
+            "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__name__,
+            "device": str(module.device),
+        },
+        "timing": {"predict_s": round(writer.predict_seconds, 3)},
+    }
+    settings = ReduceSettings.for_device(module.options, module.device)
+    analysis, files = reduce_gradsim(
+        writer.shard_set(), writer.out_dir, settings, accumulation_dtype(module.compute_dtype), info, pieces
+    )
+    log_summary(trainer.loggers, analysis)
+    return analysis, files
+
+
+def log_summary(loggers: list, analysis: dict) -> None:
+    """Summary numbers to the Trainer's loggers (W&B, CSV); `self.log` is not allowed in predict."""
+    s = analysis["summary"]
+    metrics = {f"gradsim/{k}": s[k] for k in ("mean", "std", "mean_abs") if k in s}
+    for group in ("same_chain", "other_chain"):
+        if s.get(group, {}).get("mean") is not None:
+            metrics[f"gradsim/{group}_mean"] = s[group]["mean"]
+    metrics["gradsim/zero_gradient_pieces"] = len(analysis["zero_gradient_pieces"])
+    metrics.update({f"gradsim/{k}": v for k, v in analysis["timing"].items()})
+    for logger in loggers:
+        logger.log_metrics(metrics)
+
+
+def summary_text(analysis: dict) -> str:
+    """One line on the reduction: pieces, layers, how, mean GradSim, zero-gradient pieces."""
+    s = analysis["summary"]
+    methods = sorted({v["method"] for v in analysis["per_layer"].values()})
+    mean = f", mean GradSim {s['mean']:.3f}" if "mean" in s else ""
+    return (
+        f"{s['pieces']} pieces × {len(analysis['per_layer'])} layers, {analysis['method']['mode']} "
+        f"({'/'.join(methods)}){mean}, {len(analysis['zero_gradient_pieces'])} zero-gradient pieces"
+    )

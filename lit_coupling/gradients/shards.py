@@ -40,8 +40,16 @@ class ShardWriter:
         self.dir = rank_dir(shard_dir, rank)
         shutil.rmtree(self.dir, ignore_errors=True)  # a previous run's shard of this rank
         self.dir.mkdir(parents=True)
-        self.meta = {"format": SHARD_FORMAT, "rank": rank, "world_size": world_size, "run_token": run_token,
-                     "layers": None, "dims": {}, "dtypes": {}, "complete": False}
+        self.meta = {
+            "format": SHARD_FORMAT,
+            "rank": rank,
+            "world_size": world_size,
+            "run_token": run_token,
+            "layers": None,
+            "dims": {},
+            "dtypes": {},
+            "complete": False,
+        }
         self.files: dict[str, object] = {}
         self.index: list[np.ndarray] = []
         self.tokens: list[np.ndarray] = []
@@ -60,8 +68,11 @@ class ShardWriter:
         self.index.append(prediction["index"].numpy().astype(np.int64))
         self.tokens.append(prediction["tokens"].numpy().astype(np.int64))
         self.logp.append(prediction["logp"].numpy().astype(np.float64))
-        self.hidden.append(prediction["hidden"].float().numpy() if prediction["hidden"].dtype == torch.bfloat16
-                           else prediction["hidden"].numpy())
+        self.hidden.append(
+            prediction["hidden"].float().numpy()
+            if prediction["hidden"].dtype == torch.bfloat16
+            else prediction["hidden"].numpy()
+        )
 
     def close(self, layers: list[int], hidden_size: int) -> None:
         for f in self.files.values():
@@ -86,6 +97,7 @@ class ShardSet:
     """Every rank's shard of one run, in storage order (rank by rank); `index` maps storage order to piece order."""
 
     def __init__(self, shard_dir: str | Path, world_size: int, run_token: str | None = None):
+        self.directory = Path(shard_dir)
         self.dirs = [rank_dir(shard_dir, r) for r in range(world_size)]
         self.metas = []
         for d in self.dirs:
@@ -107,8 +119,9 @@ class ShardSet:
         self.tokens = np.concatenate(rank_tokens)
         self.piece_starts = np.concatenate([[0], np.cumsum(self.counts)])
         # Token offsets inside each rank's files, per piece in storage order.
-        self.token_starts = np.concatenate(
-            [np.concatenate([[0], np.cumsum(t)])[:-1] for t in rank_tokens]).astype(np.int64)
+        self.token_starts = np.concatenate([np.concatenate([[0], np.cumsum(t)])[:-1] for t in rank_tokens]).astype(
+            np.int64
+        )
 
     @property
     def num_pieces(self) -> int:
@@ -133,12 +146,17 @@ class ShardSet:
         """`count` rows from row `first` of one rank's file. A plain read, not a memory map: mapped pages would
         count as this process's memory, and over all layers that is the whole shard."""
         dim, dtype = self.dim(layer, kind), _np_dtype(self.dtype(layer, kind))
-        data = np.fromfile(self.dirs[rank] / f"L{layer}.{kind}.bin", dtype=dtype, count=count * dim,
-                           offset=first * dim * dtype.itemsize)
+        data = np.fromfile(
+            self.dirs[rank] / f"L{layer}.{kind}.bin",
+            dtype=dtype,
+            count=count * dim,
+            offset=first * dim * dtype.itemsize,
+        )
         return data.reshape(count, dim)
 
-    def read(self, layer: int, kind: str, start: int, stop: int, dtype: torch.dtype,
-             device: torch.device | str = "cpu") -> Tensor:
+    def read(
+        self, layer: int, kind: str, start: int, stop: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> Tensor:
         """Rows of pieces [start, stop) in storage order: packed tokens for x/d, one row per piece for g."""
         parts = []
         piece = start

@@ -20,7 +20,7 @@ def greedy_recall(model, tokenizer, pieces: Sequence[KnowledgePiece], batch_size
     model.eval()
     hits: list[bool] = []
     for start in range(0, len(pieces), batch_size):
-        batch = pieces[start:start + batch_size]
+        batch = pieces[start : start + batch_size]
         new_tokens = max(len(p.answer_ids) for p in batch) + 1  # one more: "Velmor Falls" ≠ "Velmor Fallsworth"
         generated = greedy_continuations(model, [p.prompt_ids for p in batch], new_tokens, tokenizer.pad_token_id)
         hits += [generated_exact_match(tokenizer, g, p.answer) for g, p in zip(generated, batch)]
@@ -31,8 +31,9 @@ def greedy_recall(model, tokenizer, pieces: Sequence[KnowledgePiece], batch_size
 class RecallCallback(Callback):
     """Every `every_n_steps`, greedy exact-match recall of the pieces: logged, and training stops at `target`."""
 
-    def __init__(self, every_n_steps: int = 50, target: float = 0.97, kinds: list[str] | None = None,
-                 verbose: bool = True):
+    def __init__(
+        self, every_n_steps: int = 50, target: float = 0.97, kinds: list[str] | None = None, verbose: bool = True
+    ):
         """
         Args:
             every_n_steps: optimizer steps between two measurements (also measured when training ends).
@@ -64,10 +65,13 @@ class RecallCallback(Callback):
         hits = greedy_recall(pl_module.lm, pl_module.tokenizer, pieces)
         target = [h for h, p in zip(hits, pieces) if p.kind in self.kinds]
         questions = [h for h, p in zip(hits, pieces) if p.kind == "question"]
-        row = {"step": trainer.global_step, "epoch": trainer.current_epoch,
-               "seconds": round(time.perf_counter() - self._start, 1),
-               "recall": sum(target) / max(1, len(target)),
-               "question_recall": sum(questions) / len(questions) if questions else None}
+        row = {
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "seconds": round(time.perf_counter() - self._start, 1),
+            "recall": sum(target) / max(1, len(target)),
+            "question_recall": sum(questions) / len(questions) if questions else None,
+        }
         self.history.append(row)
         metrics = {"recall/single_hop": row["recall"]}
         if questions:
@@ -77,8 +81,11 @@ class RecallCallback(Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
         if self.verbose and trainer.is_global_zero:
             question = f", questions {row['question_recall']:.3f}" if questions else ""
-            print(f"[recall] step {row['step']} ({row['seconds']:.0f}s): single-hop {row['recall']:.3f} "
-                  f"of {len(target)}{question}", flush=True)
+            print(
+                f"[recall] step {row['step']} ({row['seconds']:.0f}s): single-hop {row['recall']:.3f} "
+                f"of {len(target)}{question}",
+                flush=True,
+            )
         if stop and trainer.strategy.reduce_boolean_decision(row["recall"] >= self.target, all=True):
             trainer.should_stop = True
         return row
@@ -109,13 +116,21 @@ class SavePretrained(Callback):
         pl_module.tokenizer.save_pretrained(out)
         recall = next((c for c in trainer.callbacks if isinstance(c, RecallCallback)), None)
         data = trainer.datamodule
-        write_json(out / "injection.json", {
-            "format": "lit_coupling.injection/1",
-            "module": dict(pl_module.hparams),
-            "data": {**dict(data.hparams), "prefixes": data.prefixes, "texts": len(data.facts),
-                     "examples": len(data.examples or []), "source": data.source},
-            "steps": trainer.global_step,
-            "recall": recall.history[-1] if recall and recall.history else None,
-            "recall_history": recall.history if recall else [],
-        })
+        write_json(
+            out / "injection.json",
+            {
+                "format": "lit_coupling.injection/1",
+                "module": dict(pl_module.hparams),
+                "data": {
+                    **dict(data.hparams),
+                    "prefixes": data.prefixes,
+                    "texts": len(data.facts),
+                    "examples": len(data.examples or []),
+                    "source": data.source,
+                },
+                "steps": trainer.global_step,
+                "recall": recall.history[-1] if recall and recall.history else None,
+                "recall_history": recall.history if recall else [],
+            },
+        )
         print(f"[inject] saved {out}", flush=True)

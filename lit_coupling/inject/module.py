@@ -28,8 +28,10 @@ def build_model(family: str, config: dict[str, Any], tokenizer, seed: int = 0) -
     if family not in ARCHITECTURES:
         from lit_coupling.errors import UserError
 
-        raise UserError(f"cannot build a {family!r} model from a config: choose one of {', '.join(ARCHITECTURES)}, "
-                        f"or fine-tune an existing model with --model.model_path")
+        raise UserError(
+            f"cannot build a {family!r} model from a config: choose one of {', '.join(ARCHITECTURES)}, "
+            f"or fine-tune an existing model with --model.model_path"
+        )
     hf_config = AutoConfig.for_model(family, **config)
     hf_config.vocab_size = len(tokenizer)
     hf_config.bos_token_id, hf_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -39,18 +41,33 @@ def build_model(family: str, config: dict[str, Any], tokenizer, seed: int = 0) -
         return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
 
 
-def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
-    """Linear warm-up, then linear decay to `floor` × lr at `total` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(floor, 1.0 - (1.0 - floor) * (step - warmup) / max(1, total - warmup))
+def warmup_then_decay(optimizer: torch.optim.Optimizer, total: int, warmup: int, floor: float):
+    """Linear warm-up over `warmup` steps (step k at (k + 1)/warmup × lr), then linear decay to `floor` × lr at
+    `total` steps, where it stays: `SequentialLR` of two `LinearLR`, stepped once per optimiser step."""
+    from torch.optim.lr_scheduler import LinearLR, SequentialLR
+
+    decay = LinearLR(optimizer, start_factor=1.0, end_factor=floor, total_iters=max(1, total - warmup))
+    if warmup <= 0:
+        return decay
+    warm = LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup - 1)
+    return SequentialLR(optimizer, [warm, decay], milestones=[warmup])
 
 
 class InjectionModule(LightningModule):
-    def __init__(self, family: str = "gpt2", config: dict[str, Any] | None = None, vocab_size: int = 4096,
-                 model_path: str | None = None, trust_remote_code: bool = False, lr: float = 3e-3,
-                 weight_decay: float = 0.0, warmup_steps: int = 30, min_lr_ratio: float = 0.1,
-                 init_seed: int = 0, num_threads: int | None = None):
+    def __init__(
+        self,
+        family: str = "gpt2",
+        config: dict[str, Any] | None = None,
+        vocab_size: int = 4096,
+        model_path: str | None = None,
+        trust_remote_code: bool = False,
+        lr: float = 3e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 30,
+        min_lr_ratio: float = 0.1,
+        init_seed: int = 0,
+        num_threads: int | None = None,
+    ):
         """
         Args:
             family: architecture of a model built from `config`: gpt2 or llama.
@@ -82,8 +99,9 @@ class InjectionModule(LightningModule):
             if hp.model_path:
                 from lit_coupling.models.loading import load_model
 
-                loaded = load_model(hp.model_path, dtype="float32", device="cpu",
-                                    trust_remote_code=hp.trust_remote_code)
+                loaded = load_model(
+                    hp.model_path, dtype="float32", device="cpu", trust_remote_code=hp.trust_remote_code
+                )
                 self.lm, self.tokenizer = loaded.model, loaded.tokenizer
             else:
                 self.tokenizer = build_tokenizer(data.corpus(), hp.vocab_size, hp.family)
@@ -94,16 +112,18 @@ class InjectionModule(LightningModule):
         self.trainer.datamodule.connect(self.tokenizer, self.bos_ids)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       labels=batch["labels"], use_cache=False).loss
+        loss = self.lm(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            use_cache=False,
+        ).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.lm.parameters(), lr=hp.lr, weight_decay=hp.weight_decay,
-                                      betas=(0.9, 0.98))
+        optimizer = torch.optim.AdamW(self.lm.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=(0.9, 0.98))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, total, hp.warmup_steps, hp.min_lr_ratio))
+        schedule = warmup_then_decay(optimizer, total, hp.warmup_steps, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

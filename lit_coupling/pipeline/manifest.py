@@ -29,8 +29,15 @@ DEPENDS_ON = {
 }
 
 # Settings that change how fast a stage runs but not what it computes.
-NOT_AFFECTING_RESULTS = {"batch_size", "num_workers", "progress", "stats_dir", "keep_shards", "reduce_memory_gb",
-                         "on_edit_error"}
+NOT_AFFECTING_RESULTS = {
+    "batch_size",
+    "num_workers",
+    "progress",
+    "stats_dir",
+    "keep_shards",
+    "reduce_memory_gb",
+    "on_edit_error",
+}
 
 
 def downstream_of(name: str) -> list[str]:
@@ -54,8 +61,10 @@ def data_identity(hotpot_data: str | None) -> dict:
     if not path.exists():
         return {"data": hotpot_data}  # a name (real-sample) or a missing file: its reader reports which
     if not path.is_file():
-        raise UserError(f"--hotpot_data {hotpot_data}: this is a directory, not a file; pass the HotpotQA JSON or "
-                        f"JSON Lines file itself (e.g. {Path(hotpot_data) / 'hotpot_dev_distractor_v1.json'})")
+        raise UserError(
+            f"--hotpot_data {hotpot_data}: this is a directory, not a file; pass the HotpotQA JSON or "
+            f"JSON Lines file itself (e.g. {Path(hotpot_data) / 'hotpot_dev_distractor_v1.json'})"
+        )
     return {"data": str(path.resolve()), "sha256": sha256_file(path)}
 
 
@@ -78,11 +87,22 @@ def stage_settings(name: str, cfg) -> dict:
     if name == "pieces":
         return {**data_identity(cfg.hotpot_data), **model, "max_samples": cfg.max_samples, "seed": cfg.seed}
     if name == "gradsim":
-        return {**model, "dtype": cfg.dtype, "layers": cfg.layers, "target_pattern": cfg.target_pattern,
-                "gradsim": _settings(cfg.gradsim)}
+        return {
+            **model,
+            "dtype": cfg.dtype,
+            "layers": cfg.layers,
+            "target_pattern": cfg.target_pattern,
+            "gradsim": _settings(cfg.gradsim),
+        }
     if name == "ripple":
-        return {**model, "dtype": cfg.dtype, "max_experiments": cfg.max_experiments, "seed": cfg.seed,
-                "target_pattern": cfg.target_pattern, "memit": _settings(cfg.memit)}
+        return {
+            **model,
+            "dtype": cfg.dtype,
+            "max_experiments": cfg.max_experiments,
+            "seed": cfg.seed,
+            "target_pattern": cfg.target_pattern,
+            "memit": _settings(cfg.memit),
+        }
     if name == "analysis":
         return {"seed": cfg.seed, "analysis": _settings(cfg.analysis)}
     if name == "report":
@@ -105,8 +125,9 @@ def stage_hashes(cfg, running: list[str], recorded: dict[str, dict] | None = Non
                 hashes[name] = recorded[name]["hash"]
             else:
                 upstream = {dep: resolve(dep) for dep in DEPENDS_ON[name]}
-                hashes[name] = stable_hash({"stage": name, "version": __version__,
-                                            "settings": stage_settings(name, cfg), "upstream": upstream})
+                hashes[name] = stable_hash(
+                    {"stage": name, "version": __version__, "settings": stage_settings(name, cfg), "upstream": upstream}
+                )
         return hashes[name]
 
     return {name: resolve(name) for name in running}
@@ -121,7 +142,8 @@ def damaged(path: Path, problem: str) -> DamagedManifest:
         f"{path} is damaged ({problem}). It records which stages of the run in {path.parent} finished. To keep "
         f"the outputs and redo every stage, move it away (mv {path} {path}.bad) and run the same command again; "
         f"or pass --overwrite to start a new run there (the earlier files are set aside until it has finished a "
-        f"stage).")
+        f"stage)."
+    )
 
 
 def read_manifest(path: Path) -> dict:
@@ -145,9 +167,13 @@ def read_manifest(path: Path) -> dict:
         raise damaged(path, f"'stages' should be an object, found {type(stages).__name__}")
     for name, record in stages.items():
         files = record.get("files") if isinstance(record, dict) else None
-        if (name not in DEPENDS_ON or not isinstance(record.get("hash"), str) or not isinstance(files, list)
-                or not all(isinstance(f, str) for f in files)
-                or not isinstance(record.get("checks", {}), dict)):
+        if (
+            name not in DEPENDS_ON
+            or not isinstance(record.get("hash"), str)
+            or not isinstance(files, list)
+            or not all(isinstance(f, str) for f in files)
+            or not isinstance(record.get("checks", {}), dict)
+        ):
             raise damaged(path, f"the record of stage {name!r} is not one this version writes")
     return doc
 
@@ -174,9 +200,11 @@ class Manifest:
         if manifest.path.exists() and not overwrite:
             doc = read_manifest(manifest.path)
             if doc.get("model") != model:
-                raise UserError(f"{out_dir} holds a run of model {doc.get('model')!r}, not {model!r}: choose "
-                                f"another --output_dir, or pass --overwrite to replace that run (it is set aside "
-                                f"until the new run has finished a stage).")
+                raise UserError(
+                    f"{out_dir} holds a run of model {doc.get('model')!r}, not {model!r}: choose "
+                    f"another --output_dir, or pass --overwrite to replace that run (it is set aside "
+                    f"until the new run has finished a stage)."
+                )
             manifest.stages = doc.get("stages", {})
         return manifest
 
@@ -209,13 +237,20 @@ class Manifest:
     def record(self, name: str, stage_hash: str, files: list[str], seconds: float, summary: str) -> bool:
         """Record a finished stage; True when its files differ from what the manifest held for it before."""
         out = self.path.parent.resolve()
-        relative = [str(Path(f).resolve().relative_to(out)) if Path(f).resolve().is_relative_to(out) else str(f)
-                    for f in files]
+        relative = [
+            str(Path(f).resolve().relative_to(out)) if Path(f).resolve().is_relative_to(out) else str(f) for f in files
+        ]
         checks = {f: file_check(self.path.parent / f) for f in relative}
         previous = self.stages.get(name) or {}
         changed = previous.get("checks") != checks
-        self.stages[name] = {"hash": stage_hash, "files": relative, "checks": checks, "seconds": round(seconds, 3),
-                             "summary": summary, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.stages[name] = {
+            "hash": stage_hash,
+            "files": relative,
+            "checks": checks,
+            "seconds": round(seconds, 3),
+            "summary": summary,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         if changed:  # what was computed from the earlier files is no longer done (every rank reads it so)
             for stage in downstream_of(name):
                 self.stages.pop(stage, None)
@@ -235,8 +270,7 @@ def _run_files(out: Path) -> list[str]:
     """The files of the run in `out`: those its manifest lists, the manifest, and any file with an output name."""
     from lit_coupling import outputs
 
-    names = {value for key, value in vars(outputs).items() if key.isupper() and isinstance(value, str)
-             and "." in value}
+    names = {value for key, value in vars(outputs).items() if key.isupper() and isinstance(value, str) and "." in value}
     path = out / MANIFEST
     try:
         for record in read_manifest(path)["stages"].values():

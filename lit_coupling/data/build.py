@@ -1,8 +1,6 @@
-"""The `pieces` stage of `lit-coupling run`: HotpotQA → knowledge_pieces.json, tokenised for the run's model."""
+"""HotpotQA → the content of knowledge_pieces.json, tokenised for a model (what the `pieces` stage writes)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from lit_coupling.data.piece import PIECES_FORMAT
 from lit_coupling.data.pieces import Extraction, extract_pieces, tokenize_pieces
@@ -21,8 +19,9 @@ def piece_token_limit(config) -> int | None:
     return None if not context else max(1, int(context) - CONTEXT_RESERVE)
 
 
-def pieces_document(extraction: Extraction, source: dict, model: dict, tokenizer, bos_ids: list[int],
-                    seed: int) -> dict:
+def pieces_document(
+    extraction: Extraction, source: dict, model: dict, tokenizer, bos_ids: list[int], seed: int
+) -> dict:
     """The content of knowledge_pieces.json (format in docs/outputs.md)."""
     return {
         "format": PIECES_FORMAT,
@@ -44,13 +43,18 @@ def drop_table(doc: dict) -> str:
     counts = doc["counts"]
     records, bridges = counts["records"], counts.get("bridge_records", 0)
     pct = lambda n, d: f"{n}/{d} ({100 * n / d:.0f}%)" if d else f"{n}/0"  # noqa: E731
-    lines = [f"records with at least one piece: {pct(counts['records_with_pieces'], records)}",
-             f"bridge chains with both hops: {pct(counts.get('bridge_two_hops', 0), bridges)}"]
+    lines = [
+        f"records with at least one piece: {pct(counts['records_with_pieces'], records)}",
+        f"bridge chains with both hops: {pct(counts.get('bridge_two_hops', 0), bridges)}"
+        f" (one hop only: {counts.get('bridge_one_hop', 0)})",
+    ]
     by_reason: dict[str, list[int]] = {}
     for skip in doc["skipped_records"]:
         by_reason.setdefault(skip["reason"], [0, 0])[skip["piece"] != "record"] += 1
-    rows = [(reason, str(n_records), str(n_pieces)) for reason, (n_records, n_pieces)
-            in sorted(by_reason.items(), key=lambda item: -sum(item[1]))]
+    rows = [
+        (reason, str(n_records), str(n_pieces))
+        for reason, (n_records, n_pieces) in sorted(by_reason.items(), key=lambda item: -sum(item[1]))
+    ]
     rows += [(f"(candidate cloze) {reason}", "", str(n)) for reason, n in doc.get("rejected_candidates", {}).items()]
     if rows:
         width = max(len("dropped because"), *(len(r[0]) for r in rows))
@@ -59,40 +63,30 @@ def drop_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def build_pieces(hotpot_data: str | None, model_path: str, max_samples: int | None = None, seed: int = 0,
-                 trust_remote_code: bool = False) -> dict:
+def build_pieces(
+    hotpot_data: str | None,
+    model_path: str,
+    max_samples: int | None = None,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+) -> dict:
     """Read the data, extract the pieces and tokenise them with `model_path`'s tokenizer and BOS convention."""
     from lit_coupling.data.hotpotqa import open_hotpot_data
     from lit_coupling.models.adapters import FAMILY_BY_MODEL_TYPE, bos_ids
-    from lit_coupling.models.loading import load_config, load_tokenizer
+    from lit_coupling.models.loading import config_at, resolve_model_path, tokenizer_at
 
     dataset, source = open_hotpot_data(hotpot_data, max_samples)
-    config = load_config(model_path, trust_remote_code)
-    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    resolved = resolve_model_path(model_path)
+    config = config_at(resolved, trust_remote_code)
+    tokenizer = tokenizer_at(resolved, trust_remote_code)
     bos = bos_ids(config, tokenizer)
     extraction = tokenize_pieces(extract_pieces(dataset), tokenizer, bos, piece_token_limit(config))
     if not extraction.pieces:
         reasons = "; ".join(f"{reason}: {n}" for reason, n in extraction.skipped().items())
-        raise UserError(f"{source['path']}: no knowledge piece could be extracted from {source['records_read']} "
-                        f"records ({reasons})")
+        raise UserError(
+            f"{source['path']}: no knowledge piece could be extracted from {source['records_read']} records ({reasons})"
+        )
     model_type = getattr(config, "model_type", "")
     family = FAMILY_BY_MODEL_TYPE.get(model_type)
     model = {"name": model_path, "family": family.name if family else "unknown", "model_type": model_type}
     return pieces_document(extraction, source, model, tokenizer, bos, seed)
-
-
-def pieces_stage(cfg, out_dir: Path):
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    from lit_coupling.outputs import PIECES, write_json
-    from lit_coupling.run import StageResult
-
-    doc = build_pieces(cfg.hotpot_data, cfg.model_path, cfg.max_samples, cfg.seed, cfg.trust_remote_code)
-    path = Path(out_dir) / PIECES
-    if rank_zero_only.rank == 0:  # under DDP every rank runs the command; one writes
-        write_json(path, doc)
-        print(drop_table(doc), flush=True)
-    counts, skipped = doc["counts"], sum(doc["skipped"].values())
-    kinds = ", ".join(f"{k} {n}" for k, n in counts["by_kind"].items())
-    return StageResult([str(path)], f"{counts['pieces']} pieces ({kinds}) from {counts['records']} records, "
-                                    f"{skipped} skipped")
