@@ -148,3 +148,35 @@ def test_second_order_check(forecast_run):
     assert set(second) == {"0.05", "1.0"} and second["0.05"]["edits"] == 2
     assert second["0.05"]["relative_error_mean"] < second["1.0"]["relative_error_mean"]
     assert second["0.05"]["spearman_mean"] > 0.9
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--n_edits", "-2"], "--n_edits"),
+        (["--batch_size", "0"], "--batch_size"),
+        (["--top", "-1"], "--top"),
+        (["--epsilons", "abc", "--validate"], "--epsilons"),
+        (["--epsilons", "0.1"], "--epsilons"),  # without --validate it would be ignored
+        (["--k", "0x5"], "--k"),
+        (["--known", "maybe"], "--known"),
+    ],
+)
+def test_wrong_values_are_refused_before_any_model_is_loaded(tmp_path, flags, named):
+    from lit_coupling.editing.forecast_cli import validate
+    from lit_coupling.errors import UserError
+
+    args = parser().parse_args(["--model_path", "tiny-gpt2", "--output_dir", str(tmp_path / "out"), *flags])
+    with pytest.raises(UserError, match=named):
+        validate(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_is_not_knowledge_pieces_is_named_in_a_user_error(tmp_path):
+    from lit_coupling.errors import UserError
+
+    for text in ("root:x:0:0", '{"format": "something else"}', "[1, 2]"):
+        path = tmp_path / "pieces.json"
+        path.write_text(text)
+        with pytest.raises(UserError, match="not a knowledge_pieces file"):
+            load_pieces(path)

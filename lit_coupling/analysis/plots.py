@@ -21,6 +21,19 @@ COLOUR_PERCENTILE = 99  # the heatmap's colour scale: one near-duplicate pair mu
 MAX_CHAIN_LINES = 150  # beyond this many chains, separating lines would cover the cells
 
 
+def corner_text(ax, text: str) -> None:
+    """A small text box in a panel's top-left corner."""
+    ax.text(
+        0.02,
+        0.98,
+        text,
+        transform=ax.transAxes,
+        va="top",
+        fontsize=8,
+        bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+    )
+
+
 def chain_order(pieces: Sequence[KnowledgePiece]) -> list[int]:
     """Piece indices with each chain's pieces together (chains in first-appearance order), hop 1, hop 2,
     question, comparison inside a chain."""
@@ -200,15 +213,7 @@ def comprehensive_figure(
                 )
         perm = (result.get("all_pairs") or {}).get("permutation") or {}
         text = "\n".join(lines) + f"\nall pairs: two-way permutation {p_text(perm.get('p'))}"
-        ax.text(
-            0.02,
-            0.98,
-            text,
-            transform=ax.transAxes,
-            va="top",
-            fontsize=8,
-            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
-        )
+        corner_text(ax, text)
     ax.set_title("3. GradSim vs ripple (95% CIs: two-way bootstrap, edits × pieces)")
     ax.set_xlabel("GradSim(edited piece, piece)")
     ax.set_ylabel(ripple_label)
@@ -263,15 +268,7 @@ def comprehensive_figure(
             f"P(top ripples more) = {short(g['prob_superiority'])}\n"
             f"n = {g['n'][0]} vs {g['n'][1]} pairs"
         )
-        ax.text(
-            0.02,
-            0.98,
-            text,
-            transform=ax.transAxes,
-            va="top",
-            fontsize=8,
-            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
-        )
+        corner_text(ax, text)
     ax.set_title("5. Ripple by coupling group")
     ax.set_ylabel(ripple_label)
 

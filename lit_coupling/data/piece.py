@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lit_coupling.errors import UserError
 from lit_coupling.outputs import read_json
 
 PIECES_FORMAT = "lit_coupling.knowledge_pieces/1"
@@ -54,6 +56,10 @@ class KnowledgePiece:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+class PiecesFileError(UserError, ValueError):
+    """A file given as knowledge pieces is not one (a ValueError too, as the format check always raised)."""
+
+
 def load_pieces(path: str | Path) -> tuple[list[KnowledgePiece], dict[str, Any]]:
     """Read `knowledge_pieces.json`: (pieces in file order, the rest of the document: source, counts, skips)."""
     path = Path(path)
@@ -61,10 +67,15 @@ def load_pieces(path: str | Path) -> tuple[list[KnowledgePiece], dict[str, Any]]
         from lit_coupling.outputs import PIECES
 
         path = path / PIECES
-    doc = read_json(path)
-    if doc.get("format") != PIECES_FORMAT:
-        raise ValueError(
-            f"{path}: not a knowledge_pieces file (format {doc.get('format')!r}, expected {PIECES_FORMAT!r})"
+    try:
+        doc = read_json(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PiecesFileError(f"{path}: not a knowledge_pieces file: it is not JSON ({error})") from None
+    if not isinstance(doc, dict) or doc.get("format") != PIECES_FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise PiecesFileError(
+            f"{path}: not a knowledge_pieces file (format {found!r}, expected {PIECES_FORMAT!r}): pass the "
+            f"knowledge_pieces.json a run's pieces stage wrote, or its run directory"
         )
     pieces = [KnowledgePiece.from_dict(p) for p in doc["pieces"]]
     meta = {k: v for k, v in doc.items() if k != "pieces"}

@@ -272,8 +272,40 @@ def memit_setup(args, adapter, tokenizer, bos, hotpot_path):
 # --- the run ---------------------------------------------------------------------------------------------------------
 
 
+def validate(args) -> None:
+    """Refuse a value that would fail deep inside the forecast, or be ignored, before any model is loaded."""
+    from lit_coupling.editing.ripple import KNOWN_CRITERIA
+    from lit_coupling.errors import bad_setting, check_choice, check_int
+
+    for name, minimum in (
+        ("n_edits", 0),
+        ("max_facts", 0),
+        ("epsilon_edits", 1),
+        ("cov_tokens", 1),
+        ("batch_size", 1),
+        ("top", 0),
+    ):
+        check_int(name, getattr(args, name), minimum)
+    check_choice("known", args.known, KNOWN_CRITERIA)
+    parse_k(args.k)
+    try:
+        epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
+    except ValueError:
+        raise bad_setting("epsilons", args.epsilons, "comma-separated numbers in (0, 1], e.g. 0.1,0.3") from None
+    if any(not 0 < e <= 1 for e in epsilons):
+        raise bad_setting("epsilons", args.epsilons, "comma-separated numbers in (0, 1], e.g. 0.1,0.3")
+    if epsilons and not args.validate:
+        raise bad_setting(
+            "epsilons", args.epsilons, "--validate with it", "ε·ΔW is only scored when the edits are made"
+        )
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise bad_setting("output_dir", args.output_dir, "a directory", "this is a file")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    validate(args)
     forecast(args)
     return 0
 

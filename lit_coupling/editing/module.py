@@ -401,6 +401,56 @@ class MemitModule(CausalLMModule):
             return bool(self.baseline.known(self.options.known)[request.source_index])
         return bool(self.case_known.get(request.source_id, False))
 
+    def _probes_before(self, request: EditRequest):
+        """The request's probes and their teacher-forced scores before the edit (the source piece's own log P is
+        the baseline's, not recomputed)."""
+        probes = build_probes(self.tokenizer, request, self.pieces, self.bos)
+        before, _ = score_clozes(
+            self.lm, self.tokenizer, probes.items, probes.answers, len(probes.items), self.pad_id, generate="none"
+        )
+        if request.source_index >= 0:
+            before.logp[0] = self.baseline.logp[request.source_index]
+        return probes, before
+
+    def _probes_after(self, probes):
+        return score_clozes(
+            self.lm, self.tokenizer, probes.items, probes.answers, len(probes.items), self.pad_id, generate="all"
+        )
+
+    def _pieces_after(self, label: str):
+        """Every piece scored on the edited model, with a progress bar named `label`."""
+        with Progress(
+            len(self.pieces), f"{label}: scoring every piece after the edit", self._show_progress(), "piece"
+        ) as bar:
+            return score_pieces(
+                self.lm, self.tokenizer, self.pieces, self.options.batch_size, self.pad_id, bar, self._prefix_reuse()
+            )
+
+    @staticmethod
+    def _memit_info(result, i: int) -> dict:
+        """What a MEMIT edit records of request i: per-layer norms and its target vector's optimisation."""
+        target = result.targets[i]
+        return {
+            "delta_norms": {str(k): v for k, v in result.delta_norms.items()},
+            "residual_norms": {str(k): v for k, v in result.residual_norms.items()},
+            "target": {
+                "steps": target.steps,
+                "nll": target.nll,
+                "delta_norm": target.delta_norm,
+                "h_norm": target.h_norm,
+                "later_layers_only": target.shortcut,
+            },
+        }
+
+    @staticmethod
+    def _memit_times(result, edited: float, measured: float) -> dict:
+        return {
+            "edit": measured - edited,
+            "targets": result.time_targets_s,
+            "updates": result.time_updates_s,
+            "measure": time.perf_counter() - measured,
+        }
+
     def _edit_batch_and_measure(self, requests: list[EditRequest]) -> list[dict]:
         """B requests as one MEMIT edit: every piece scored once after it (the joint ripple), each request's own
         probes before and after; the batch's ΔW is saved under every member's edit id."""
@@ -408,21 +458,7 @@ class MemitModule(CausalLMModule):
         start = time.perf_counter()
         batch_info = {"size": len(requests), "edit_ids": [r.edit_id for r in requests]}
         try:
-            probes, probe_before = [], []
-            for request in requests:
-                probes.append(build_probes(self.tokenizer, request, self.pieces, self.bos))
-                before, _ = score_clozes(
-                    self.lm,
-                    self.tokenizer,
-                    probes[-1].items,
-                    probes[-1].answers,
-                    len(probes[-1].items),
-                    self.pad_id,
-                    generate="none",
-                )
-                if request.source_index >= 0:
-                    before.logp[0] = self.baseline.logp[request.source_index]
-                probe_before.append(before)
+            probes, probe_before = map(list, zip(*(self._probes_before(r) for r in requests)))
             edited = time.perf_counter()
             result = apply_memit(
                 self.adapter,
@@ -444,47 +480,14 @@ class MemitModule(CausalLMModule):
                 for r in requests
             ]
         measured = time.perf_counter()
-        with Progress(
-            len(self.pieces),
-            f"batch of {len(requests)} edits: scoring every piece after the edit",
-            self._show_progress(),
-            "piece",
-        ) as bar:
-            after = score_pieces(
-                self.lm, self.tokenizer, self.pieces, hp.batch_size, self.pad_id, bar, self._prefix_reuse()
-            )
+        after = self._pieces_after(f"batch of {len(requests)} edits")
         joint = {layer: (u.float().cpu(), v.float().cpu()) for layer, (u, v) in result.updates.items()}
         records = []
         for i, request in enumerate(requests):
-            probe_after, probe_texts = score_clozes(
-                self.lm,
-                self.tokenizer,
-                probes[i].items,
-                probes[i].answers,
-                len(probes[i].items),
-                self.pad_id,
-                generate="all",
-            )
+            probe_after, probe_texts = self._probes_after(probes[i])
             self.updates[request.edit_id] = joint
-            target = result.targets[i]
-            info = {
-                "delta_norms": {str(k): v for k, v in result.delta_norms.items()},
-                "residual_norms": {str(k): v for k, v in result.residual_norms.items()},
-                "target": {
-                    "steps": target.steps,
-                    "nll": target.nll,
-                    "delta_norm": target.delta_norm,
-                    "h_norm": target.h_norm,
-                    "later_layers_only": target.shortcut,
-                },
-                "batch": batch_info,
-            }
-            times = {
-                "edit": measured - edited,
-                "targets": result.time_targets_s,
-                "updates": result.time_updates_s,
-                "measure": time.perf_counter() - measured,
-            }
+            info = self._memit_info(result, i) | {"batch": batch_info}
+            times = self._memit_times(result, edited, measured)
             records.append(
                 experiment_record(
                     request,
@@ -505,19 +508,7 @@ class MemitModule(CausalLMModule):
         hp = self.options
         start = time.perf_counter()
         try:
-            probes = build_probes(self.tokenizer, request, self.pieces, self.bos)
-            # Teacher-forced only: the pieces' own before-scores (self.baseline) are reused, not recomputed.
-            probe_before, _ = score_clozes(
-                self.lm,
-                self.tokenizer,
-                probes.items,
-                probes.answers,
-                len(probes.items),
-                self.pad_id,
-                generate="none",
-            )
-            if request.source_index >= 0:
-                probe_before.logp[0] = self.baseline.logp[request.source_index]
+            probes, probe_before = self._probes_before(request)
             edited = time.perf_counter()
             if self.finetune is not None:
                 result = apply_finetune(
@@ -546,18 +537,8 @@ class MemitModule(CausalLMModule):
                 raise
             return failed_record(request, error, {"edit": time.perf_counter() - start, "measure": 0.0})
         measured = time.perf_counter()
-        with Progress(
-            len(self.pieces),
-            f"edit {request.edit_id}: scoring every piece after the edit",
-            self._show_progress(),
-            "piece",
-        ) as bar:
-            after = score_pieces(
-                self.lm, self.tokenizer, self.pieces, hp.batch_size, self.pad_id, bar, self._prefix_reuse()
-            )
-        probe_after, probe_texts = score_clozes(
-            self.lm, self.tokenizer, probes.items, probes.answers, len(probes.items), self.pad_id, generate="all"
-        )
+        after = self._pieces_after(f"edit {request.edit_id}")
+        probe_after, probe_texts = self._probes_after(probes)
         self.updates[request.edit_id] = {
             layer: (u.float().cpu(), v.float().cpu()) for layer, (u, v) in result.updates.items()
         }
@@ -572,24 +553,8 @@ class MemitModule(CausalLMModule):
             return experiment_record(
                 request, self.pieces, self.baseline, after, probes, probe_before, probe_after, probe_texts, info, times
             )
-        target = result.targets[0]
-        info = {
-            "delta_norms": {str(k): v for k, v in result.delta_norms.items()},
-            "residual_norms": {str(k): v for k, v in result.residual_norms.items()},
-            "target": {
-                "steps": target.steps,
-                "nll": target.nll,
-                "delta_norm": target.delta_norm,
-                "h_norm": target.h_norm,
-                "later_layers_only": target.shortcut,
-            },
-        }
-        times = {
-            "edit": measured - edited,
-            "targets": result.time_targets_s,
-            "updates": result.time_updates_s,
-            "measure": time.perf_counter() - measured,
-        }
+        info = self._memit_info(result, 0)
+        times = self._memit_times(result, edited, measured)
         return experiment_record(
             request,
             self.pieces,
