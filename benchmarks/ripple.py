@@ -25,7 +25,7 @@ import time
 import torch
 
 from lit_coupling.data.piece import load_pieces
-from lit_coupling.editing.ripple import EXTRA_GENERATED_TOKENS, PieceScores, score_pieces
+from lit_coupling.editing.ripple import EXTRA_GENERATED_TOKENS, PieceScores, checked_drafts, score_pieces
 from lit_coupling.inject.embedded import ensure_embedded
 from lit_coupling.models.loading import load_model
 from lit_coupling.scoring import (
@@ -86,6 +86,8 @@ def edit_cases(model, tokenizer, pieces, args, pad, results: dict, scores: dict,
     scores["before (keeps states)"] = before
     results["before (keeps states)"] = time.perf_counter() - start
     cpu_s["before (keeps states)"] = time.process_time() - cpu
+    drafts = checked_drafts(model, tokenizer, pieces, before, pad)  # on the unedited model, as the ripple stage
+    assert drafts is not None, "the drafts could not be checked in the scoring pass on this model"
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in layers:
@@ -101,17 +103,19 @@ def edit_cases(model, tokenizer, pieces, args, pad, results: dict, scores: dict,
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
-    for name, kept, batches in (
-        ("after-full, one padded batch (previous)", None, one_batch),
-        ("after-full", None, cut),
-        ("after-reuse", reuse, cut),
+    for name, kept, batches, given in (
+        ("after-full, one padded batch (previous)", None, one_batch, None),
+        ("after-full", None, cut, None),
+        ("after-reuse", reuse, cut, None),
+        # the first repetition keeps the states of the drafts' layout: --repeat 2 or more for the steady state
+        ("after-reuse + drafts (the ripple stage)", reuse, cut, drafts),
     ):
         best = float("inf")
         ripple_module.padded_batches = batches
         try:
             for _ in range(args.repeat):
                 start, cpu = time.perf_counter(), time.process_time()
-                scores[name] = score_pieces(model, tokenizer, pieces, args.batch_size, pad, reuse=kept)
+                scores[name] = score_pieces(model, tokenizer, pieces, args.batch_size, pad, reuse=kept, drafts=given)
                 best = min(best, time.perf_counter() - start)
                 cpu_s[name] = time.process_time() - cpu
         finally:
@@ -123,6 +127,10 @@ def edit_cases(model, tokenizer, pieces, args, pad, results: dict, scores: dict,
     assert reuse.usable and reuse.reruns > 0, "the re-scoring did not run from the first edited block"
     assert kept.tf_em == full.tf_em and kept.gen_em == full.gen_em, "after-reuse: exact matches differ"
     assert max(abs(a - b) for a, b in zip(kept.logp, full.logp)) < 1e-4, "after-reuse: logP differs"
+    drafted = scores["after-reuse + drafts (the ripple stage)"]
+    assert drafted.tf_em == full.tf_em and drafted.gen_em == full.gen_em, "drafts: exact matches differ"
+    assert max(abs(a - b) for a, b in zip(drafted.logp, full.logp)) < 1e-4, "drafts: logP differs"
+    print(f"greedy decoding ran for {full.decoded} pieces without drafts, {drafted.decoded} with them")
     print(
         f"edit layers {layers}: re-scoring from block {min(layers)} of {adapter.num_layers}; the edit changed "
         f"{sum(a != b for a, b in zip(full.gen_em, before.gen_em))} greedy matches"

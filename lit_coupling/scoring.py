@@ -360,6 +360,54 @@ def prefix_reuse(model, adapter, start: int) -> PrefixReuse | None:
     return PrefixReuse(model, adapter.blocks, start, adapter.final_norm, head) if head is not None else None
 
 
+Branch = tuple[int, Sequence[int]]  # (answer tokens kept, tokens fed after them): a draft of greedy decoding
+
+
+def with_branches(batch: dict[str, torch.Tensor], branches: Sequence[Branch | None], pad_id: int, dtype) -> dict:
+    """The batch with each row's branch after its prompt + answer, in one forward (tree attention, as speculative
+    decoding verifies drafts): a branch token sees the prompt, the first `keep` answer tokens and the branch tokens
+    before it, at the positions greedy decoding would give it; the prompt and answer see nothing of the branch, so
+    their logits are unchanged. Adds "attention_4d" (B, 1, T, T: 0 where seen, the dtype's minimum elsewhere),
+    "position_ids", "branch_columns" (B, Wb) and "branch_lengths"; "attention_mask" becomes the 2D mask of every
+    real column (main and branch), "answer_mask" is widened with False."""
+    lengths, prompt_lengths = batch["lengths"], batch["prompt_lengths"]
+    n_branch = torch.tensor([len(b[1]) if b else 0 for b in branches])
+    cut = prompt_lengths + torch.tensor([b[0] if b else 0 for b in branches])  # a branch sees the columns before
+    width = int((lengths + n_branch).max())
+    rows = batch["input_ids"].shape[0]
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    input_ids[:, : batch["input_ids"].shape[1]] = batch["input_ids"]
+    col = torch.arange(width)[None, :]
+    position_ids = col.expand(rows, -1).clone()
+    for r, branch in enumerate(branches):
+        if branch:
+            at = int(lengths[r])
+            input_ids[r, at : at + len(branch[1])] = torch.tensor(list(branch[1]), dtype=torch.long)
+            position_ids[r, at : at + len(branch[1])] = int(cut[r]) + torch.arange(len(branch[1]))
+    main = col < lengths[:, None]
+    in_branch = (col >= lengths[:, None]) & (col < (lengths + n_branch)[:, None])
+    q, k = col[:, :, None], col[:, None, :]  # (1, T, 1), (1, 1, T)
+    causal = k <= q
+    seen = (main[:, :, None] & main[:, None, :] & causal) | (
+        in_branch[:, :, None] & ((main[:, None, :] & (k < cut[:, None, None])) | (in_branch[:, None, :] & causal))
+    )
+    seen |= torch.eye(width, dtype=torch.bool)[None]  # padding sees itself: no row of the mask is empty
+    attention = torch.zeros(seen.shape, dtype=dtype).masked_fill(~seen, torch.finfo(dtype).min)
+    widest = int(n_branch.max()) if len(n_branch) else 0
+    branch_columns = (lengths[:, None] + torch.arange(max(widest, 1))[None, :]).clamp(max=width - 1)
+    answer_mask = torch.zeros((rows, width), dtype=torch.bool)
+    answer_mask[:, : batch["answer_mask"].shape[1]] = batch["answer_mask"]
+    return batch | {
+        "input_ids": input_ids,
+        "attention_mask": (main | in_branch).long(),
+        "answer_mask": answer_mask,
+        "attention_4d": attention[:, None],
+        "position_ids": position_ids,
+        "branch_columns": branch_columns,
+        "branch_lengths": n_branch,
+    }
+
+
 class CachedScores:
     """One teacher-forced pass over a batch of clozes (what `score_batch` gives: logp, tf_em, rank, greedy, next)
     that keeps its KV cache, so greedy decoding can go on from any point of any row without running the prompt
@@ -367,6 +415,10 @@ class CachedScores:
 
     With `reuse` (a PrefixReuse) and a `key` naming the batch, the first pass keeps what an edit of the upper
     blocks cannot change and every later pass over the same batch runs only those blocks.
+
+    With `branches` (per row a `Branch` or None: `with_branches`), the same pass also reads the model's argmax after
+    each branch token (`branch_argmax`): where a branch is an earlier greedy decoding of the row, it says whether
+    greedy decoding still goes that way, without decoding.
     """
 
     @torch.no_grad()
@@ -377,26 +429,43 @@ class CachedScores:
         pad_id: int,
         reuse: PrefixReuse | None = None,
         key=None,
+        branches: Sequence[Branch | None] | None = None,
     ):
         self.model, self.pad_id = model, pad_id
         device = next(model.parameters()).device
         self.lengths = [len(p) for p, _ in items]  # prompt lengths: where each row's answer starts
         batch = collate_clozes(items, pad_id)
-        positions = answer_window(batch).to(device)
+        window = answer_window(batch)
+        inputs = {}
+        if branches is not None and any(branches):
+            batch = with_branches(batch, branches, pad_id, model.dtype)
+            inputs = {"position_ids": batch["position_ids"].to(device)}
+            positions = torch.cat([window, batch["branch_columns"]], 1).to(device)
+        else:
+            positions = window.to(device)
         self.cache_kw = "cache" if "cache" in _forward_params(model) else "past_key_values"
         self.mask = batch["attention_mask"].to(device)
+        mask = batch["attention_4d"].to(device) if "attention_4d" in batch else self.mask
         input_ids = batch["input_ids"].to(device)
         if reuse is not None and key is not None and reuse.ready(key, input_ids):
             logits, self.cache = reuse.rerun(key, positions)
         else:
             with reuse.capture(key, input_ids) if reuse is not None and key is not None else nullcontext() as kept:
-                out = model(input_ids=input_ids, attention_mask=self.mask, use_cache=True, logits_to_keep=positions)
+                out = model(
+                    input_ids=input_ids, attention_mask=mask, use_cache=True, logits_to_keep=positions, **inputs
+                )
                 self.cache = out.cache if self.cache_kw == "cache" else out.past_key_values
                 if kept is not None:
                     kept["cache"] = self.cache
             logits = out.logits
             if kept is not None:
                 reuse.check(key, positions, logits)
+        width = window.shape[1]
+        self.branch_argmax: list[list[int]] = [[] for _ in items]
+        if "branch_lengths" in batch:
+            picked = logits[:, width:].argmax(-1).cpu()
+            self.branch_argmax = [picked[r, :n].tolist() for r, n in enumerate(batch["branch_lengths"].tolist())]
+        logits, positions = logits[:, :width], positions[:, :width]
         scores = _window_scores(
             logits,
             input_ids.gather(1, positions),

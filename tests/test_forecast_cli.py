@@ -3,14 +3,19 @@ path with the weights restored bit for bit; the written forecast against brute f
 the explicit ΔW it saved), the identity projection against exact, --validate's measured Δlog P against scoring the
 model with that ΔW applied, and the batch's joint edit."""
 
+import contextlib
 import csv
+import io
 import json
+import re
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from lit_coupling.data.piece import load_pieces
-from lit_coupling.editing.forecast_cli import forecast, parse_k, parser
+from lit_coupling.editing.forecast_cli import Fact, _plot, forecast, own_facts, parse_k, parser, plot_series
 from lit_coupling.editing.ripple import score_clozes
 from lit_coupling.editing.snapshot import restored_after, state_checksum
 from lit_coupling.errors import UserError
@@ -57,14 +62,16 @@ def forecast_run(world, tmp_path_factory):  # noqa: F811
             str(out),
         ]
     )
-    doc = forecast(args)
+    log = io.StringIO()  # what the user sees on stderr: the progress lines (no terminal: plain lines) and says
+    with contextlib.redirect_stderr(log):
+        doc = forecast(args)
     with open(out / "forecast.csv") as f:
         rows = list(csv.DictReader(f))
-    return out, doc, rows
+    return out, doc, rows, log.getvalue()
 
 
 def test_files_and_bit_identical_weights(forecast_run, world):  # noqa: F811
-    out, doc, rows = forecast_run
+    out, doc, rows, _ = forecast_run
     assert {p.name for p in out.iterdir()} >= {"forecast.csv", "forecast.json", "forecast.png", "forecast_updates.pt"}
     assert doc["weights_restored"]["bit_identical"]
     fresh = load_model(str(world["model"]), dtype="float32", device="cpu").model
@@ -100,7 +107,7 @@ def _brute_change(model, adapter, prompt, answer, updates):
 
 
 def test_forecast_equals_brute_force_and_validation_measures_the_edit(forecast_run, world):  # noqa: F811
-    out, doc, rows = forecast_run
+    out, doc, rows, _ = forecast_run
     saved = torch.load(out / "forecast_updates.pt", weights_only=True)
     loaded = load_model(str(world["model"]), dtype="float32", device="cpu")
     model, tok = loaded.model, loaded.tokenizer
@@ -139,15 +146,146 @@ def test_forecast_equals_brute_force_and_validation_measures_the_edit(forecast_r
         "sum_of_single_forecasts_vs_joint_measured",
         "sum_of_single_measured_vs_joint_measured",
     }
+    # the edited facts themselves (the source piece, and any piece asking the same prompt: the world repeats a
+    # chain's hop 2 in other chains) are left out of every statistic: flip counts, AUROCs and the L2 norms included
+    prompts = {e["name"]: {" ".join(r["prompt"].split()) for r in e["requests"]} for e in doc["edits"]}
+    sources = {e["name"]: {r["source"] for r in e["requests"]} for e in doc["edits"]}
+    own = {
+        (r["edit"], r["fact"])
+        for r in rows
+        if r["fact"] in sources[r["edit"]] or " ".join(r["prompt"].split()) in prompts[r["edit"]]
+    }
+    assert own == {(r["edit"], r["fact"]) for r in rows if r["own_fact"] == "1"}
+    assert doc["validation_left_out"] == sum(name != "batch of 2" for name, _ in own) >= 2
+
+    def flips(name):
+        return sum(int(float(r["measured_flip"])) for r in rows if r["edit"] == name and (name, r["fact"]) not in own)
+
+    assert doc["validation"]["measured_flips"] == v["exact"]["flips"] == flips("edit 0") + flips("edit 1")
+    assert doc["additivity"]["joint_forecast_vs_joint_measured"]["flips"] == flips("batch of 2")
+    for key in ("sum_of_single_forecasts_vs_joint_measured", "sum_of_single_measured_vs_joint_measured"):
+        assert doc["additivity"][key]["relative_l2"] is not None
 
 
 def test_second_order_check(forecast_run):
     """Under ε·ΔW the measured change approaches ε × the first-order forecast as ε → 0."""
-    _, doc, _ = forecast_run
+    _, doc, _, _ = forecast_run
     second = doc["second_order"]
     assert set(second) == {"0.05", "1.0"} and second["0.05"]["edits"] == 2
     assert second["0.05"]["relative_error_mean"] < second["1.0"]["relative_error_mean"]
     assert second["0.05"]["spearman_mean"] > 0.9
+
+
+def test_every_long_step_shows_progress_and_each_edit_line_counts_its_re_scoring(forecast_run):
+    """Each pass over the store (scoring before, re-scoring after each edit, the exact forecast, building the
+    projected cache, the ε re-scorings) reports progress with an ETA; the target vectors' time is said once."""
+    _, doc, _, log = forecast_run
+    n = doc["facts"]
+    for desc, total in [
+        ("scoring every fact before the edits", n),
+        ("edit 0: scoring every fact after the edit", n),
+        ("edit 1: scoring every fact after the edit", n),
+        ("batch of 2: scoring every fact after the edit", n),
+        ("exact forecast of 3 edit(s) and 4 baseline(s)", n),
+        ("projected gradients 4096x4096 (cache)", n),  # 8x8 is restricted from it: no pass
+        ("second order: scoring under ε·ΔW", 2 * n),
+    ]:
+        assert re.search(rf"{re.escape(desc)}: {total}/{total} \w+ \(\d+s, ETA 0s\)", log), desc
+    assert log.count("target vectors of 2 request(s)") == 1
+    times = doc["times"]
+    for e, name in enumerate(["edit 0", "edit 1", "batch of 2"]):
+        line = re.search(rf"  {name}: ([\d.]+)s \(ΔW ([\d.]+)s, re-scoring the facts ([\d.]+)s\)", log)
+        assert line, name
+        total, edit, score = (float(v) for v in line.groups())
+        assert edit == pytest.approx(times["update_s_per_group"][e], abs=0.051)
+        assert score == pytest.approx(times["score_after_s_per_group"][e], abs=0.051)
+        assert total == pytest.approx(edit + score, abs=0.11)
+
+
+def _fact(i, prompt):
+    return Fact(f"f{i}", "hop1", prompt, "a", [1], [2])
+
+
+def test_own_facts_by_id_and_by_prompt_whitespace_aside():
+    facts = [_fact(0, "The capital of  France is"), _fact(1, "Paris is in"), _fact(2, "The capital of France is")]
+    named = SimpleNamespace(source_id="f1", prompt="Paris is in")
+    asked = SimpleNamespace(source_id="edit/0", prompt=" The capital of France\tis ")
+    own = own_facts([[named], [asked], [named, asked]], facts)
+    assert own.tolist() == [[False, True, False], [True, False, True], [True, True, True]]
+
+
+def test_plot_keeps_the_batch_apart_and_leaves_own_facts_out(tmp_path, monkeypatch):
+    """13 edits and their batch: the batch is drawn in its own colour with its own label, and no own fact is
+    drawn (the old plot drew the first 12 names only: the batch was dropped and the 11th edit took edit 0's
+    colour)."""
+    from matplotlib.axes import Axes
+
+    n_single, n = 13, 20
+    names = [f"edit {e}" for e in range(n_single)] + [f"batch of {n_single}"]
+    rng = np.random.default_rng(0)
+    predicted, measured = rng.normal(size=(n_single + 1, n)), rng.normal(size=(n_single + 1, n))
+    own = np.zeros_like(predicted, dtype=bool)
+    own[np.arange(n_single), np.arange(n_single) % n] = True
+    own[-1, :] = own[:-1].any(0)
+    predicted[own], measured[own] = 1e6, -1e6  # an own fact would stand out wherever it lands
+    drawn = []
+    scatter = Axes.scatter
+
+    def spy(self, x, y, *args, **kwargs):
+        drawn.append((kwargs["label"], kwargs["c"], np.asarray(x), np.asarray(y)))
+        return scatter(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "scatter", spy)
+    _plot(tmp_path / "p.png", names, predicted, measured, own, n_single)
+    assert (tmp_path / "p.png").stat().st_size > 0
+    labels = [d[0] for d in drawn]
+    assert len(set(labels)) == len(labels) and labels[-1] == f"batch of {n_single}"
+    colours = [d[1] for d in drawn]
+    assert len(set(colours)) == len(colours) and "C7" not in colours  # C7 is grey: the grey series' look-alike
+    assert sum(len(d[2]) for d in drawn) == (~own).sum()
+    assert all(np.all(np.abs(d[2]) < 1e6) and np.all(np.abs(d[3]) < 1e6) for d in drawn)
+    assert [s["label"] for s in plot_series(names, predicted, measured, own, n_single)] == labels
+
+
+def test_an_edit_of_a_stored_fact_leaves_that_fact_out(world, tmp_path):  # noqa: F811
+    """--edit with a stored fact's prompt (other whitespace): the request's source is that fact, and the fact is
+    left out of the statistics as a piece's own fact is (it used to be an anonymous edit/0 that counted)."""
+    pieces, _ = load_pieces(world["pieces"])
+    pieces = pieces[:40]
+    piece = next(p for p in pieces if p.is_single_hop and p.subject in p.prompt)
+    new = next(p.answer for p in pieces if p.answer != piece.answer and p.kind == piece.kind)
+    spaced = "  " + piece.prompt.replace(" ", "   ", 1) + " "
+    args = parser().parse_args(
+        [
+            "--model_path",
+            str(world["model"]),
+            "--pieces",
+            str(world["pieces"]),
+            "--edit",
+            f"{piece.subject}|{spaced}|{new}",
+            "--validate",
+            "--memit",
+            str(world["hparams"]),
+            "--stats_dir",
+            str(world["stats"]),
+            "--max_facts",
+            "40",
+            "--top",
+            "1",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    with contextlib.redirect_stderr(io.StringIO()):
+        doc = forecast(args)
+    request = doc["edits"][0]["requests"][0]
+    assert (request["source"], request["target_true"]) == (piece.id, piece.answer)
+    same = [p.id for p in pieces if " ".join(p.prompt.split()) == " ".join(piece.prompt.split())]
+    assert doc["validation_left_out"] == len(same) >= 1
+    assert doc["validation"]["single_edits"]["exact"]["pairs"] == 40 - len(same)
+    with open(tmp_path / "forecast.csv") as f:
+        flagged = {r["fact"] for r in csv.DictReader(f) if r["own_fact"] == "1"}
+    assert flagged == set(same)
 
 
 @pytest.mark.parametrize(

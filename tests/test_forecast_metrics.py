@@ -47,3 +47,23 @@ def test_additivity():
     singles = np.array([[1.0, 2.0, 0.0, -1.0], [0.0, 1.0, 1.0, -2.0]])
     out = additivity(singles, singles.sum(0))
     assert out["spearman"] == pytest.approx(1.0) and out["relative_l2"] == 0.0
+
+
+def test_nan_pairs_are_left_out_of_counts_and_additivity():
+    """A NaN pair (the edited fact itself) is counted nowhere: not in pairs, not in flips, not in the L2 norms."""
+    rng = np.random.default_rng(2)
+    measured = rng.normal(size=(3, 20))
+    predicted = measured + 0.1 * rng.normal(size=(3, 20))
+    flipped = measured < -1
+    measured[0, 0] = measured[1, 5] = np.nan
+    flipped[0, 0] = flipped[1, 5] = True  # the edited facts flip: their own edit
+    score = np.where(np.isnan(measured), np.nan, -predicted)
+    out = evaluate(predicted, measured, score, flipped, n_resamples=50)
+    assert out["pairs"] == 58 and out["flips"] == int(flipped[np.isfinite(measured)].sum())
+    joint = measured.sum(0)
+    with_nan = additivity(measured, joint)
+    keep = np.isfinite(joint)
+    assert with_nan["relative_l2"] == 0.0 and with_nan["spearman"] == pytest.approx(1.0)
+    noisy = additivity(predicted, joint)
+    want = np.linalg.norm(predicted.sum(0)[keep] - joint[keep]) / np.linalg.norm(joint[keep])
+    assert noisy["relative_l2"] == pytest.approx(want)

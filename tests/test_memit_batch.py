@@ -154,3 +154,23 @@ def test_prefix_cached_logits_equal_the_full_model(setting):
     delta = torch.randn(len(prompts), adapter.d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.allclose(cached.logits(delta), plain.logits(delta), rtol=1e-9, atol=1e-9)
     assert torch.allclose(cached.logits(delta[0]), plain.logits(delta[0]), rtol=1e-9, atol=1e-9)
+
+
+def test_rows_grouped_by_suffix_length_give_the_same_logits(setting, monkeypatch):
+    """GroupedEditor: rows of about the same suffix length share a PrefixCachedEditor; the logits (any per-row δ) and
+    the hidden states at the fact tokens are those of the later-layers editor over the whole batch."""
+    from lit_coupling.editing.memit import GroupedEditor
+
+    s = setting
+    prompts = [p for rw, kl in zip(s["rewrites"], s["kls"]) for p in (*rw, kl)]
+    batch = PromptBatch.of(prompts, s["pad"])
+    target = batch.answer_mask[:, 1:].nonzero(as_tuple=True)
+    adapter = ModelAdapter(s["model"], layers=s["hp"].layers)
+    monkeypatch.setattr(GroupedEditor, "GROUP_OVERHEAD", 0)  # a group per suffix length
+    grouped = GroupedEditor(adapter, batch, 1, target)
+    plain = ResidualEditor(adapter, batch, 1, target)
+    suffixes = set((batch.attention_mask.sum(1) - batch.fact_index).tolist())
+    assert grouped.ok and len(grouped.groups) == len(suffixes) > 1
+    delta = torch.randn(len(prompts), adapter.d_model, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.allclose(grouped.logits(delta), plain.logits(delta), rtol=1e-9, atol=1e-9)
+    assert torch.allclose(grouped.fact_hidden, plain.fact_hidden, rtol=1e-12, atol=1e-12)

@@ -10,8 +10,9 @@ from lit_coupling.editing.covariance import (
     Corpus,
     hotpot_paragraphs,
     key_covariances,
+    length_batches,
     resolve_corpus,
-    token_batches,
+    token_windows,
 )
 from lit_coupling.errors import UserError
 from lit_coupling.inject.tokenizer import train_bpe_tokenizer
@@ -46,9 +47,8 @@ def test_second_moment_of_the_mlp_output_inputs_over_exactly_n_tokens(setup, tmp
         for layer in (0, 2)
     ]
     with torch.no_grad():
-        for batch in token_batches(tok, DOCS, [], 16, 4):
-            for ids in batch:
-                adapter.model(input_ids=torch.tensor([ids]))
+        for ids in token_windows(tok, DOCS, [], 16):  # reading order
+            adapter.model(input_ids=torch.tensor([ids]))
     for h in handles:
         h.remove()
     for layer in (0, 2):
@@ -117,7 +117,7 @@ def test_an_interrupted_computation_resumes_where_it_stopped(setup, tmp_path):
         resumed, _ = covariances("b")
     finally:
         handle.remove()
-    total = sum(1 for _ in token_batches(tok, DOCS, [], 16, 4))
+    total = len(length_batches(token_windows(tok, DOCS, [], 16), 4 * 16))
     assert calls["n"] < total - 4  # the first batches were not run again
     for layer in (0, 1):
         assert torch.equal(resumed[layer], whole[layer])  # bit for bit what one uninterrupted pass gives
@@ -162,10 +162,32 @@ def test_texts_are_counted_beside_tokens(setup, tmp_path):
 
 def test_short_texts_share_a_batch_by_padded_area():
     tok = train_bpe_tokenizer(TEXTS, vocab_size=320, style="gpt2")
-    batches = list(token_batches(tok, TEXTS[:40], [], 64, 4))
+    windows = token_windows(tok, TEXTS[:40], [], 64)
+    assert windows == [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS[:40]]
+    batches = length_batches(windows, 4 * 64)
     assert all(len(b) * max(map(len, b)) <= 4 * 64 for b in batches)
     assert max(map(len, batches)) > 4  # more than batch_size short windows in one batch
-    assert [w for b in batches for w in b] == [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS[:40]]
+    assert sorted(w for b in batches for w in b) == sorted(windows)  # every window once
+    # sorted by length: the padded area is less than in reading order, batches of the same rows and area
+    padded = sum(len(b) * max(map(len, b)) for b in batches)
+    in_order, row = 0, []
+    for w in windows:
+        if row and (len(row) + 1) * max(map(len, row + [w])) > 4 * 64:
+            in_order += len(row) * max(map(len, row))
+            row = []
+        row.append(w)
+    in_order += len(row) * max(map(len, row))
+    assert padded < in_order
+
+
+def test_windows_stop_at_exactly_the_tokens_asked_for():
+    tok = train_bpe_tokenizer(TEXTS, vocab_size=320, style="gpt2")
+    seen: list = []
+    windows = token_windows(tok, DOCS, [0], 16, tokens=101, windows=seen)
+    assert sum(map(len, windows)) == 101 and all(w[0] == 0 and len(w) <= 16 for w in windows)
+    assert [n for _, n in seen] == list(map(len, windows))
+    whole = token_windows(tok, DOCS, [0], 16)
+    assert windows[:-1] == whole[: len(windows) - 1] and whole[len(windows) - 1][: len(windows[-1])] == windows[-1]
 
 
 def test_condition_number_and_tokens_per_dimension():

@@ -220,3 +220,66 @@ def test_padded_batches_cut_by_length():
     assert [sorted(lengths[i] for i in b) for b in batches] == [[5, 5, 6, 7], [39, 40, 41, 42]]
     assert all(len(b) <= 3 for b in padded_batches(lengths, 3))
     assert padded_batches([], 4) == []
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_branches_leave_the_answer_scores_unchanged_and_read_the_argmax_after_each_branch_token(tok, family):
+    """Tree attention (`with_branches`): a branch after a row's prompt + answer changes none of the row's scores,
+    and the argmax after each branch token is the one of a plain forward of prompt + kept answer + branch so far."""
+    from lit_coupling.scoring import CachedScores
+
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok))).eval()
+    items, _ = _reuse_items(tok)
+    plain = CachedScores(model, items, tok.pad_token_id)
+    generator = torch.Generator().manual_seed(0)
+    branches = []
+    for row, (_, answer) in enumerate(items):
+        keep = row % (len(answer) + 1)  # from the prompt, inside the answer, after the whole answer
+        tokens = torch.randint(3, len(tok), (1 + row % 3,), generator=generator).tolist()
+        branches.append(None if row == 2 else (keep, tokens))
+    tree = CachedScores(model, items, tok.pad_token_id, branches=branches)
+    assert torch.allclose(tree.logp, plain.logp, atol=1e-5)
+    assert tree.greedy == plain.greedy and tree.next == plain.next and tree.rank == plain.rank
+    with torch.no_grad():
+        for row, branch in enumerate(branches):
+            if branch is None:
+                assert tree.branch_argmax[row] == []
+                continue
+            keep, tokens = branch
+            prompt, answer = items[row]
+            context = [*prompt, *answer[:keep], *tokens]
+            logits = model(input_ids=torch.tensor([context])).logits[0]
+            want = logits[len(prompt) + keep : len(context)].argmax(-1).tolist()
+            assert tree.branch_argmax[row] == want
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_checked_drafts_give_what_decoding_gives_after_an_edit(tok, family):
+    """After an edit, the before-edit greedy continuations (drafts) checked in the re-scoring pass give the texts and
+    matches decoding gives, decoding only the rows whose continuation changed — a wrong draft is decoded, not
+    trusted."""
+    from lit_coupling.editing.ripple import score_clozes
+    from lit_coupling.models.adapters import ModelAdapter
+    from lit_coupling.scoring import prefix_reuse
+
+    torch.manual_seed(6)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok), layers=4)).eval()
+    adapter = ModelAdapter(model)
+    items, answers = _reuse_items(tok)
+    pad = tok.pad_token_id
+    reuse = prefix_reuse(model, adapter, 2)
+    before, _ = score_clozes(model, tok, items, answers, 4, pad, generate="all", reuse=reuse)
+    assert before.decoded == len(items) and all(before.drafts)
+    again, _ = score_clozes(model, tok, items, answers, 4, pad, generate="all", reuse=reuse, drafts=before.drafts)
+    assert again.decoded == 0  # the same model: every draft holds
+    drafts = list(before.drafts)
+    keep, tokens = drafts[1]
+    drafts[1] = (keep, [tokens[0], *[(t + 1) % len(tok) for t in tokens[1:]]])  # a draft that is wrong
+    with torch.no_grad():
+        adapter.target(2).module.weight.add_(torch.randn_like(adapter.target(2).module.weight) * 0.05)
+    got, got_texts = score_clozes(model, tok, items, answers, 4, pad, generate="all", reuse=reuse, drafts=drafts)
+    want, want_texts = score_clozes(model, tok, items, answers, 4, pad, generate="all")
+    assert got_texts == want_texts and got.gen_em == want.gen_em and got.tf_em == want.tf_em
+    assert max(abs(a - b) for a, b in zip(got.logp, want.logp)) < 1e-4
+    assert 1 <= got.decoded < len(items)  # the wrong draft (at least) decoded, the ones that held not

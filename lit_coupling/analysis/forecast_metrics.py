@@ -80,7 +80,7 @@ def evaluate(
             "ci": percentile_interval(distribution, confidence) if len(distribution) else [None, None],
         }
 
-    out = {"edits": n_edits, "facts": n, "pairs": int(n_edits * n)}
+    out = {"edits": n_edits, "facts": n, "pairs": int((np.isfinite(p) & np.isfinite(m)).sum())}
     out["spearman"] = entry(spearman(p, m), boot.distribution(spearman, p, m))
     out["spearman_abs"] = entry(spearman(np.abs(p), np.abs(m)), boot.distribution(spearman, np.abs(p), np.abs(m)))
     per_edit = _per_edit(spearman, predicted, measured)
@@ -93,16 +93,19 @@ def evaluate(
         out[f"precision_at_{k}"] = entry(float(np.mean(prec)), edit_boot.distribution(np.mean, prec))
     if flip_score is not None and flipped is not None:
         s, f = np.atleast_2d(flip_score).ravel().astype(np.float64), np.atleast_2d(flipped).ravel().astype(bool)
-        out["flips"] = int(f.sum())
+        out["flips"] = int(f[np.isfinite(s)].sum())  # the pairs the AUROC sees (a NaN score: left out)
         out["flip_auroc"] = entry(flip_auroc(s, f), boot.distribution(flip_auroc, s, f) if f.any() else np.array([]))
     return out
 
 
 def additivity(singles: np.ndarray, joint: np.ndarray) -> dict:
     """How far the sum of B single-edit values (B, n) is from the joint edit's (n,): Spearman, Pearson-like
-    relative L2 difference ‖Σ singles − joint‖ / ‖joint‖."""
+    relative L2 difference ‖Σ singles − joint‖ / ‖joint‖ (facts with a NaN on either side left out: the edited
+    facts themselves)."""
     total = np.asarray(singles, dtype=np.float64).sum(0)
     joint = np.asarray(joint, dtype=np.float64)
+    keep = np.isfinite(total) & np.isfinite(joint)
+    total, joint = total[keep], joint[keep]
     norm = float(np.linalg.norm(joint))
     return {
         "spearman": spearman(total, joint),

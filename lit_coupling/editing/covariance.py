@@ -142,39 +142,53 @@ def resolve_corpus(corpus: str, hotpot_path: str | Path | None = None) -> Corpus
 # --- accumulation -----------------------------------------------------------------------------------------------------
 
 
-def token_batches(
+def token_windows(
     tokenizer,
     documents: Iterable[str],
     bos_ids: Sequence[int],
     max_length: int,
-    batch_size: int,
+    tokens: int | None = None,
     windows: list[tuple[int, int]] | None = None,
-    area: int | None = None,
-) -> Iterator[list[list[int]]]:
-    """Documents cut into windows of at most `max_length` tokens (BOS first), batched by padded size: a batch holds
-    `batch_size` full windows, or more shorter ones in the same padded area (short texts, such as the synthetic
-    world's sentences, then run 5-10 times fewer forward passes).
+) -> list[list[int]]:
+    """Documents cut into windows of at most `max_length` tokens (BOS first), in reading order, until `tokens` tokens
+    in all (BOS included; the last window cut short): exactly the tokens the statistics count, read before the
+    first forward, so the bar knows its total (a HotpotQA corpus often holds fewer than cov_tokens).
 
-    `windows`, when given, receives (document index, window length) of every window, in order (`texts_read`);
-    `area` overrides the padded area of a batch (default `batch_size` × `max_length`).
+    `windows`, when given, receives (document index, window length) of every window, in order (`texts_read`).
     """
-    area = area or batch_size * max_length
-    batch: list[list[int]] = []
+    out: list[list[int]] = []
     step = max_length - len(bos_ids)
-    widest = 0
+    left = tokens if tokens is not None else float("inf")
     for index, text in enumerate(documents):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         for start in range(0, len(ids), step):
-            batch.append(list(bos_ids) + ids[start : start + step])
-            widest = max(widest, len(batch[-1]))
+            window = (list(bos_ids) + ids[start : start + step])[: int(min(left, max_length))]
+            if len(window) <= len(bos_ids):
+                return out
+            out.append(window)
+            left -= len(window)
             if windows is not None:
-                windows.append((index, len(batch[-1])))
-            if (len(batch) + 1) * widest > area:
-                widest = 0
-                yield batch
-                batch = []
+                windows.append((index, len(window)))
+        if left <= 0:
+            break
+    return out
+
+
+def length_batches(windows: Sequence[list[int]], area: int) -> list[list[list[int]]]:
+    """Windows sorted by length and cut into batches of at most `area` padded tokens (rows × the longest row), as
+    the reference implementation's length collation: a batch of mixed lengths pads to its longest row, and real
+    paragraphs (HotpotQA's: 54,120 tokens padded to 106,854 in reading order) would run twice the tokens needed.
+    Short windows share a batch (5-10 times fewer forward passes for the synthetic world's sentences)."""
+    batches: list[list[list[int]]] = []
+    batch: list[list[int]] = []
+    for window in sorted(windows, key=len):  # stable: equal lengths keep reading order
+        if batch and (len(batch) + 1) * len(window) > area:
+            batches.append(batch)
+            batch = []
+        batch.append(window)
     if batch:
-        yield batch
+        batches.append(batch)
+    return batches
 
 
 def texts_read(windows: Sequence[tuple[int, int]], tokens: int) -> int:
@@ -399,7 +413,13 @@ def key_covariances(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     area = batch_size * max_length  # a model with a shorter context gets more windows a batch, not smaller batches
     max_length = min(max_length, context_length(model.config) or max_length)
-    batching = {"max_length": max_length, "batch_size": batch_size, "bos": list(bos_ids), "area": area}
+    batching = {
+        "max_length": max_length,
+        "batch_size": batch_size,
+        "bos": list(bos_ids),
+        "area": area,
+        "collation": "length",
+    }
     partial = cache.partial_path([names[layer] for layer in missing], batching)
     state = None
     if partial.exists():
@@ -425,9 +445,10 @@ def key_covariances(
 
     start = time.perf_counter()
     windows: list[tuple[int, int]] = []
-    batches = token_batches(tokenizer, corpus.documents(), bos_ids, max_length, batch_size, windows, area)
+    read = token_windows(tokenizer, corpus.documents(), bos_ids, max_length, tokens, windows)
+    counted = min(tokens, sum(map(len, read)))
     state = accumulate_moments(
-        adapter, batches, missing, tokens, pad_id, state, checkpoint, checkpoint_every_s, progress
+        adapter, length_batches(read, area), missing, counted, pad_id, state, checkpoint, checkpoint_every_s, progress
     )
     if state.count == 0:
         raise UserError(f"the key-statistics corpus {corpus.name!r} holds no text")

@@ -37,6 +37,7 @@ from lit_coupling.analysis.predictors import low_rank_change
 from lit_coupling.gradients.inner import accumulation_dtype, segment_sum
 from lit_coupling.gradients.projection import kronecker_projection, project_gradients
 from lit_coupling.models.hooks import Hooks
+from lit_coupling.progress import Progress
 from lit_coupling.scoring import answer_logprobs, answer_window, collate_clozes, takes_logits_to_keep
 
 Update = dict[int, tuple[Tensor, Tensor]]  # layer → (U (d_out, r), V (d_in, r)), ΔW = U Vᵀ in (out, in)
@@ -175,12 +176,15 @@ def fact_batches(
 
 
 def packed_gradient_factors(
-    model, adapter, layers: Sequence[int], clozes: Sequence[Cloze], pad_id: int
+    model, adapter, layers: Sequence[int], clozes: Sequence[Cloze], pad_id: int, progress: Progress | None = None
 ) -> list[Update]:
     """Each cloze's own gradient of log P at the edit layers as update factors (Dᵀ, Xᵀ) (rank = its tokens), so
-    ⟨g_i, g_j⟩ (GradSim's inner product on the edit layers) is the same ghost sum as a forecast."""
+    ⟨g_i, g_j⟩ (GradSim's inner product on the edit layers) is the same ghost sum as a forecast. `progress` advances
+    by the clozes of each batch."""
     out: list[Update] = [{} for _ in clozes]
     for b in fact_batches(model, adapter, layers, clozes, pad_id, batch_size=8, margin=False, sort=False):
+        if progress is not None:
+            progress.update(len(b.rows))
         for k, row in enumerate(b.rows):
             keep = b.mask[k]
             out[row] = {
@@ -235,10 +239,12 @@ def exact_forecast(
     pad_id: int,
     batch_size: int = 32,
     keep_tokens: bool = True,
+    progress: Progress | None = None,
 ) -> ExactForecast:
     """The exact first-order forecast of every update in `updates` (each {layer: (U, V)}, the same layers) over
     every fact, in one pass over the store: per batch and layer, one product D·[U_1 … U_E] and one X·[V_1 … V_E]
-    whatever the number of edits."""
+    whatever the number of edits. `progress` advances by the facts of each batch (the pass is minutes on a real
+    model's store)."""
     layers = list(updates[0])
     n, n_edits = len(clozes), len(updates)
     delta = torch.zeros(n_edits, len(layers), n, dtype=torch.float64)
@@ -273,6 +279,8 @@ def exact_forecast(
             for e in range(n_edits):
                 for row, part in zip(b.rows, torch.split(both[:, e], count.tolist())):
                     terms[e][row] = part
+        if progress is not None:
+            progress.update(len(b.rows))
     return ExactForecast(layers, delta, margin_change, logp, margin, competitor, norm_sq, terms)
 
 
@@ -396,8 +404,10 @@ def build_projected_cache(
     k_out: int,
     seed: int = 0,
     batch_size: int = 32,
+    progress: Progress | None = None,
 ) -> ProjectedCache:
-    """Projected gradients of every fact, one pass over the store (the GradSim stage's `project_gradients`)."""
+    """Projected gradients of every fact, one pass over the store (the GradSim stage's `project_gradients`);
+    `progress` advances by the facts of each batch."""
     shapes = {layer: adapter.target(layer).shape for layer in layers}
     device = next(model.parameters()).device
     acc = accumulation_dtype(adapter.target(layers[0]).module.weight.dtype)  # float32, float64 for a float64 model
@@ -415,6 +425,8 @@ def build_projected_cache(
         logp.append(b.logp)
         margin.append(b.margin)
         rows += b.rows
+        if progress is not None:
+            progress.update(len(b.rows))
     back = torch.argsort(torch.tensor(rows))  # batches ran shortest first: back to store order
     dims = {layer: (proj[layer][1].shape[1], proj[layer][0].shape[1]) for layer in layers}
     return ProjectedCache(
@@ -442,12 +454,13 @@ def load_or_build_cache(
     k_out,
     seed: int = 0,
     batch_size: int = 32,
+    progress: Progress | None = None,
 ) -> tuple[ProjectedCache, Path, bool]:
     """The cache for (model, store, layers, k, seed) from `directory`, or built and saved there: (cache, path,
-    found)."""
+    found). `progress` advances while it is built (a found cache is only read)."""
     path = Path(directory) / f"forecast-{cache_key(model_fingerprint, clozes, layers, k_in, k_out, seed)}.pt"
     if path.exists():
         return ProjectedCache.load(path), path, True
-    cache = build_projected_cache(model, adapter, layers, clozes, pad_id, k_in, k_out, seed, batch_size)
+    cache = build_projected_cache(model, adapter, layers, clozes, pad_id, k_in, k_out, seed, batch_size, progress)
     cache.save(path)
     return cache, path, False

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,9 +180,38 @@ def load_facts(
     return facts, {"meta": meta, "skipped": skipped}
 
 
-def plan_edits(args, model, tokenizer, bos, pad_id, cases, pieces_path) -> list:
-    from lit_coupling.editing.requests import EditRequest, subject_span
+def normalised(text: str) -> str:
+    """A prompt with its whitespace runs made one space: how an --edit prompt is matched to the stored facts."""
+    return " ".join(text.split())
 
+
+def own_facts(groups: Sequence[Sequence], facts: Sequence[Fact]) -> np.ndarray:
+    """(edits, facts) bool: fact j is edit e's own fact, its target and not its ripple — a fact named by one of
+    its requests (a piece's id, counterfact/<case id>) or asking the same prompt (whitespace aside: an --edit of a
+    stored fact, or a neighbourhood prompt that repeats the case's own)."""
+    index: dict[str, int] = {f.id: j for j, f in enumerate(facts)}
+    by_prompt: dict[str, list[int]] = {}
+    for j, f in enumerate(facts):
+        by_prompt.setdefault(normalised(f.prompt), []).append(j)
+    own = np.zeros((len(groups), len(facts)), dtype=bool)
+    for e, group in enumerate(groups):
+        for r in group:
+            if r.source_id in index:
+                own[e, index[r.source_id]] = True
+            own[e, by_prompt.get(normalised(r.prompt), [])] = True
+    return own
+
+
+def plan_edits(args, model, tokenizer, bos, pad_id, cases, pieces_path, facts: Sequence[Fact] = ()) -> list:
+    """The edit requests of --edit, --cases and --n_edits, in that order. An --edit whose prompt is a stored
+    fact's (whitespace aside) is that fact's edit: it takes the fact's id as its source and the fact's answer as
+    its true target (so the fact is left out as its own, and GradSim's source baselines apply)."""
+    from lit_coupling.editing.requests import EditRequest, subject_span
+    from lit_coupling.progress import Progress
+
+    stored = {}
+    for f in facts:
+        stored.setdefault(normalised(f.prompt), f)  # the first of several with one prompt names the source
     requests: list[EditRequest] = []
     for text in args.edit:
         parts = [s.strip() for s in text.split("|")]
@@ -190,7 +220,9 @@ def plan_edits(args, model, tokenizer, bos, pad_id, cases, pieces_path) -> list:
         subject, prompt, new = parts
         if subject_span(prompt, subject) is None:
             raise UserError(f"--edit {text!r}: the subject {subject!r} is not in the prompt")
-        requests.append(EditRequest(len(requests), -1, f"edit/{len(requests)}", prompt, subject, "", new))
+        fact = stored.get(normalised(prompt))
+        source, true = (fact.id, fact.answer) if fact else (f"edit/{len(requests)}", "")
+        requests.append(EditRequest(len(requests), -1, source, prompt, subject, true, new))
     if args.cases:
         by_id = {c.case_id: c for c in cases}
         for case_id in (s.strip() for s in args.cases.split(",") if s.strip()):
@@ -221,9 +253,10 @@ def plan_edits(args, model, tokenizer, bos, pad_id, cases, pieces_path) -> list:
             known = None
             if args.known != "any":
                 items = [encode_cloze(tokenizer, c.prompt, c.target_true, bos) for c in cases]
-                scores, _ = score_clozes(
-                    model, tokenizer, items, [c.target_true for c in cases], args.batch_size, pad_id
-                )
+                with Progress(len(items), "scoring the CounterFact sources", True, "case") as bar:
+                    scores, _ = score_clozes(
+                        model, tokenizer, items, [c.target_true for c in cases], args.batch_size, pad_id, progress=bar
+                    )
                 known = scores.known(args.known)
             plan = plan_counterfact(cases, args.n_edits, args.seed, known)
         else:
@@ -235,7 +268,8 @@ def plan_edits(args, model, tokenizer, bos, pad_id, cases, pieces_path) -> list:
             pieces, meta = load_pieces(Path(pieces_path))
             known = None
             if args.known != "any":
-                known = score_pieces(model, tokenizer, pieces, args.batch_size, pad_id).known(args.known)
+                with Progress(len(pieces), "scoring the pieces to draw known sources", True, "piece") as bar:
+                    known = score_pieces(model, tokenizer, pieces, args.batch_size, pad_id, bar).known(args.known)
             plan = plan_requests(
                 pieces, args.n_edits, args.seed, known, entities_for_source(meta.get("source", {}).get("path"))
             )
@@ -330,7 +364,7 @@ def forecast(args) -> dict:
     from lit_coupling.models.adapters import ModelAdapter, ensure_padding
     from lit_coupling.models.loading import load_model
     from lit_coupling.outputs import write_json
-    from lit_coupling.progress import say
+    from lit_coupling.progress import Progress, say
     from lit_coupling.scoring import encode_cloze
 
     out_dir = Path(args.output_dir)
@@ -351,7 +385,7 @@ def forecast(args) -> dict:
     hp_adapter = ModelAdapter(model)
     hp, solvers, prefixes, corpus_name = memit_setup(args, hp_adapter, tokenizer, bos, hotpot_path)
     adapter = ModelAdapter(model, layers=hp.layers)
-    requests = plan_edits(args, model, tokenizer, bos, pad_id, cases, args.pieces)
+    requests = plan_edits(args, model, tokenizer, bos, pad_id, cases, args.pieces, facts)
     times["setup_s"] = time.perf_counter() - t0
     clozes = [(f.prompt_ids, f.answer_ids) for f in facts]
     answers = [f.answer for f in facts]
@@ -362,12 +396,16 @@ def forecast(args) -> dict:
     if args.batch and len(requests) > 1:
         groups.append(list(requests))
     names = [f"edit {g[0].edit_id}" if len(g) == 1 else f"batch of {len(g)}" for g in groups]
+    own = own_facts(groups, facts)
     weights = {t.name: t.module.weight for t in (adapter.target(layer) for layer in hp.layers)}
     checksum_before = state_checksum(model)
     before = None
     if args.validate:
         start = time.perf_counter()
-        before, _ = score_clozes(model, tokenizer, clozes, answers, args.batch_size, pad_id, generate="none")
+        with Progress(len(clozes), "scoring every fact before the edits", True, "fact") as bar:
+            before, _ = score_clozes(
+                model, tokenizer, clozes, answers, args.batch_size, pad_id, generate="none", progress=bar
+            )
         times["score_before_s"] = time.perf_counter() - start
     # every request's target vector in one batched optimisation (the same vectors as one at a time: they depend
     # only on the unedited model); then each edit's layer updates on its own
@@ -379,8 +417,11 @@ def forecast(args) -> dict:
         [kl_prompt(tokenizer, r.subject, bos, hp.fact_token) for r in requests],
         hp,
         pad_id,
+        progress=True,
     )
     times["targets_s"] = time.perf_counter() - start
+    # one batched optimisation for all the requests: its time is said once, not on every edit's line
+    say(f"  target vectors of {len(requests)} request(s): {times['targets_s']:.1f}s")
     target_of = {r.edit_id: v for r, v in zip(requests, vectors)}
     updates, measured, flipped, edit_times, score_times = [], [], [], [], []
     for name, group in zip(names, groups):
@@ -398,14 +439,23 @@ def forecast(args) -> dict:
                 targets=[target_of[r.edit_id] for r in group],
             )
             edit_times.append(time.perf_counter() - start)
+            line = f"  {name}: ΔW computed in {edit_times[-1]:.1f}s"
             if args.validate:
                 start = time.perf_counter()
-                after, _ = score_clozes(model, tokenizer, clozes, answers, args.batch_size, pad_id, generate="none")
+                with Progress(len(clozes), f"{name}: scoring every fact after the edit", True, "fact") as bar:
+                    after, _ = score_clozes(
+                        model, tokenizer, clozes, answers, args.batch_size, pad_id, generate="none", progress=bar
+                    )
                 score_times.append(time.perf_counter() - start)
                 measured.append(np.array(after.logp) - np.array(before.logp))
                 flipped.append((np.array(before.rank) == 0) != (np.array(after.rank) == 0))
+                # the re-scoring is most of an edit's time under --validate: the line's time includes it
+                line = (
+                    f"  {name}: {edit_times[-1] + score_times[-1]:.1f}s "
+                    f"(ΔW {edit_times[-1]:.1f}s, re-scoring the facts {score_times[-1]:.1f}s)"
+                )
         updates.append({layer: (u.float(), v.float()) for layer, (u, v) in result.updates.items()})
-        say(f"  {name}: ΔW computed in {edit_times[-1]:.1f}s (target vectors: {times['targets_s']:.1f}s for all)")
+        say(line)
     checksum_after = state_checksum(model)
     if checksum_after != checksum_before:
         raise RuntimeError("the model's weights were not restored bit for bit after the edits")
@@ -419,13 +469,18 @@ def forecast(args) -> dict:
     singles = [g[0] for g in groups if len(g) == 1]
     source_true = [encode_cloze(tokenizer, r.prompt, r.target_true, bos) for r in singles if r.target_true]
     source_new = [encode_cloze(tokenizer, r.prompt, r.target_new, bos) for r in singles]
+    with_true = len(source_true) == len(singles)
+    n_sources = len(source_new) + (len(source_true) if with_true else 0)
     extra = []
-    if len(source_true) == len(singles):
-        extra += packed_gradient_factors(model, adapter, hp.layers, source_true, pad_id)
-    extra += packed_gradient_factors(model, adapter, hp.layers, source_new, pad_id)
+    with Progress(n_sources, "gradients of the edited prompts (GradSim baselines)", True, "prompt") as bar:
+        if with_true:
+            extra += packed_gradient_factors(model, adapter, hp.layers, source_true, pad_id, bar)
+        extra += packed_gradient_factors(model, adapter, hp.layers, source_new, pad_id, bar)
 
     start = time.perf_counter()
-    exact = exact_forecast(model, adapter, updates + extra, clozes, pad_id, args.batch_size)
+    label = f"exact forecast of {len(updates)} edit(s) and {len(extra)} baseline(s)"
+    with Progress(len(clozes), label, True, "fact") as bar:
+        exact = exact_forecast(model, adapter, updates + extra, clozes, pad_id, args.batch_size, progress=bar)
     times["exact_forecast_s"] = time.perf_counter() - start
     n_groups = len(groups)
     predicted = exact.total()[:n_groups].numpy()
@@ -459,19 +514,21 @@ def forecast(args) -> dict:
         if parent is not None:
             cache, path, found = parent.restricted(k_in, k_out), f"restricted from {parent.k_in}x{parent.k_out}", True
         else:
-            cache, path, found = load_or_build_cache(
-                cache_dir,
-                fingerprint,
-                model,
-                adapter,
-                hp.layers,
-                clozes,
-                pad_id,
-                k_in,
-                k_out,
-                args.projection_seed,
-                args.batch_size,
-            )
+            with Progress(len(clozes), f"projected gradients {k_in}x{k_out} (cache)", True, "fact") as bar:
+                cache, path, found = load_or_build_cache(
+                    cache_dir,
+                    fingerprint,
+                    model,
+                    adapter,
+                    hp.layers,
+                    clozes,
+                    pad_id,
+                    k_in,
+                    k_out,
+                    args.projection_seed,
+                    args.batch_size,
+                    progress=bar,
+                )
             built_caches.append(cache)
         built = time.perf_counter() - start
         proj = cache.projections(shapes)
@@ -571,14 +628,7 @@ def forecast(args) -> dict:
     if args.validate:
         meas, flips = np.stack(measured), np.stack(flipped)
         single = slice(0, n_single)
-        # the edited fact itself (a piece or CounterFact prompt named by the request) is the edit's target, not its
-        # ripple: left out of every statistic
-        own = np.zeros_like(meas, dtype=bool)
-        index = {f.id: j for j, f in enumerate(facts)}
-        for e, group in enumerate(groups):
-            for r in group:  # a piece's id, or counterfact/<case id> (its prompt with --case_prompts)
-                if r.source_id in index:
-                    own[e, index[r.source_id]] = True
+        # the edited fact itself (`own_facts`) is the edit's target, not its ripple: left out of every statistic
         meas = np.where(own, np.nan, meas)
         doc["validation_left_out"] = int(own[single].sum())
         methods = {"exact": (predicted[single], flip_scores[single])}
@@ -592,12 +642,16 @@ def forecast(args) -> dict:
             validation[name] = evaluate(
                 pred, meas[single], score, flips[single] if score is not None else None, seed=args.seed
             )
-        doc["validation"] = {"single_edits": validation, "measured_flips": int(flips[single].sum())}
+        doc["validation"] = {"single_edits": validation, "measured_flips": int((flips & ~own)[single].sum())}
         if args.batch and len(requests) > 1:
             doc["additivity"].update(
                 {
                     "joint_forecast_vs_joint_measured": evaluate(
-                        predicted[-1:], meas[-1:], flip_scores[-1:], flips[-1:], seed=args.seed
+                        predicted[-1:],
+                        meas[-1:],
+                        np.where(own[-1:], np.nan, flip_scores[-1:]),  # the edited facts left out, as above
+                        flips[-1:],
+                        seed=args.seed,
                     ),
                     "sum_of_single_forecasts_vs_joint_measured": additivity(predicted[:-1], meas[-1])
                     | evaluate(predicted[:-1].sum(0, keepdims=True), meas[-1:], seed=args.seed),
@@ -651,8 +705,9 @@ def forecast(args) -> dict:
         projected,
         np.stack(measured) if measured else None,
         np.stack(flipped) if flipped else None,
+        own,
     )
-    _plot(out_dir / "forecast.png", names, predicted, np.stack(measured) if measured else None)
+    _plot(out_dir / "forecast.png", names, predicted, np.stack(measured) if measured else None, own, n_single)
     say(f"forecast: wrote {out_dir / 'forecast.csv'}, forecast.json, forecast.png")
     return doc
 
@@ -666,9 +721,12 @@ def scaled_edits(
     from lit_coupling.analysis.forecast_metrics import spearman
     from lit_coupling.editing.ripple import score_clozes
     from lit_coupling.editing.snapshot import restored_after
+    from lit_coupling.progress import Progress
 
     out = {}
     eps_list = [float(e) for e in args.epsilons.split(",") if e.strip()]
+    # one re-scoring of the store per ε < 1 and edit (ε = 1 is the --validate scoring already made)
+    bar = Progress(len(eps_list) * len(updates) * len(clozes), "second order: scoring under ε·ΔW", True, "fact")
     for eps in [*eps_list, 1.0]:
         rhos, errors = [], []
         for e, update in enumerate(updates):
@@ -678,7 +736,9 @@ def scaled_edits(
                 with restored_after(weights):
                     for layer, (u, v) in update.items():
                         adapter.target(layer).add_(eps * (u.double() @ v.double().T))
-                    after, _ = score_clozes(model, tokenizer, clozes, answers, args.batch_size, pad_id, generate="none")
+                    after, _ = score_clozes(
+                        model, tokenizer, clozes, answers, args.batch_size, pad_id, generate="none", progress=bar
+                    )
                 delta = np.array(after.logp) - np.array(before.logp)
             keep = ~own[e]
             pred = eps * predicted[e][keep]
@@ -689,6 +749,7 @@ def scaled_edits(
             "spearman_mean": float(np.nanmean(rhos)),
             "relative_error_mean": float(np.mean(errors)),
         }
+    bar.close()
     return out
 
 
@@ -713,7 +774,7 @@ def _plain(value):
     return value
 
 
-def _write_csv(path, names, facts, predicted, margin_after, margin, flips_pred, projected, measured, flipped):
+def _write_csv(path, names, facts, predicted, margin_after, margin, flips_pred, projected, measured, flipped, own):
     columns = [
         "edit",
         "rank",
@@ -725,6 +786,7 @@ def _write_csv(path, names, facts, predicted, margin_after, margin, flips_pred, 
         "margin_before",
         "predicted_margin_after",
         "predicted_flip",
+        "own_fact",  # 1: the edit's own fact (`own_facts`), left out of forecast.json's statistics
         *[f"projected_{k}" for k in projected],
     ]
     if measured is not None:
@@ -745,6 +807,7 @@ def _write_csv(path, names, facts, predicted, margin_after, margin, flips_pred, 
                     repr(float(margin[j])),
                     repr(float(margin_after[e, j])),
                     int(flips_pred[e, j]),
+                    int(own[e, j]),
                     *[repr(float(v["delta"][e, j])) for v in projected.values()],
                 ]
                 if measured is not None:
@@ -752,7 +815,49 @@ def _write_csv(path, names, facts, predicted, margin_after, margin, flips_pred, 
                 writer.writerow(row)
 
 
-def _plot(path, names, predicted, measured) -> None:
+# single edits drawn in a colour of their own: matplotlib's 10-colour cycle less its grey (C7), which the edits
+# beyond these share
+PLOT_COLOURS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")
+
+
+def plot_series(names, predicted, measured, own, n_single: int) -> list[dict]:
+    """The series the forecast-vs-measured scatter draws, in drawing order: {label, colour, marker, x, y}.
+
+    The first single edits get PLOT_COLOURS, any further ones one light grey series (drawn first, under the rest),
+    and every joint edit (the groups after the n_single singles) black crosses drawn last, so a batch never shares
+    a colour with a single edit or drops out of the legend. Each edit's own facts (`own`) are left out: their
+    change is the edit itself, not its ripple, and they dwarf the scale."""
+    keep = ~np.asarray(own, dtype=bool)
+    series = []
+    if n_single > len(PLOT_COLOURS):
+        rest = range(len(PLOT_COLOURS), n_single)
+        series.append(
+            {
+                "label": f"{names[rest[0]]} to {names[rest[-1]]}" if len(rest) > 1 else names[rest[0]],
+                "colour": "0.65",
+                "marker": "o",
+                "x": np.concatenate([predicted[e][keep[e]] for e in rest]),
+                "y": np.concatenate([measured[e][keep[e]] for e in rest]),
+            }
+        )
+    for e in range(min(n_single, len(PLOT_COLOURS))):
+        series.append(
+            {
+                "label": names[e],
+                "colour": PLOT_COLOURS[e],
+                "marker": "o",
+                "x": predicted[e][keep[e]],
+                "y": measured[e][keep[e]],
+            }
+        )
+    for e in range(n_single, len(names)):
+        series.append(
+            {"label": names[e], "colour": "black", "marker": "x", "x": predicted[e][keep[e]], "y": measured[e][keep[e]]}
+        )
+    return series
+
+
+def _plot(path, names, predicted, measured, own, n_single: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -760,23 +865,35 @@ def _plot(path, names, predicted, measured) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     if measured is not None:
-        for e, name in enumerate(names[:12]):
-            ax.scatter(predicted[e], measured[e], s=8, alpha=0.6, label=name)
-        both = np.concatenate([predicted.ravel(), measured.ravel()])
+        series = plot_series(names, predicted, measured, own, n_single)
+        for s in series:
+            ax.scatter(
+                s["x"],
+                s["y"],
+                s=8 if s["marker"] == "o" else 14,
+                alpha=0.6,
+                c=s["colour"],
+                marker=s["marker"],
+                label=s["label"],
+                linewidths=0.8,
+            )
+        both = np.concatenate([v for s in series for v in (s["x"], s["y"])])
         lo, hi = float(np.min(both)), float(np.max(both))
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
         ax.set_xlabel("predicted Δlog P (exact first order)")
         ax.set_ylabel("measured Δlog P")
-        ax.set_title("forecast vs the edit")
+        ax.set_title("forecast vs the edit (each edit's own fact left out)")
+        if len(series) > 1:
+            ax.legend(fontsize=6, ncol=2)
     else:
-        order = np.argsort(predicted[0])[:20]
+        # the edit's own fact is its target, not its ripple: left out of the ranking as of the statistics
+        candidates = np.flatnonzero(~np.asarray(own[0], dtype=bool))
+        order = candidates[np.argsort(predicted[0][candidates], kind="stable")[:20]]
         ax.barh(range(len(order)), predicted[0][order])
         ax.set_yticks(range(len(order)))
         ax.set_yticklabels([str(j) for j in order], fontsize=6)
         ax.invert_yaxis()
-        ax.set_xlabel(f"predicted Δlog P ({names[0]}): the 20 most damaged facts")
-    if len(names) > 1 and measured is not None:
-        ax.legend(fontsize=6, ncol=2)
+        ax.set_xlabel(f"predicted Δlog P ({names[0]}): the 20 most damaged facts (its own left out)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -39,6 +39,7 @@ from lit_coupling.editing.ripple import (
     PieceScores,
     baseline_block,
     build_probes,
+    checked_drafts,
     experiment_record,
     failed_record,
     score_clozes,
@@ -78,6 +79,7 @@ class MemitModule(CausalLMModule):
         self.covariance_info: dict = {}
         self.prefixes: list[str] = []
         self.baseline: PieceScores | None = None
+        self.drafts: list | None = None  # the baseline's greedy continuations, checked after each edit (ripple.py)
         self.reuse: PrefixReuse | None = None  # the pieces' states below the first edit layer (every re-scoring)
         self.case_baseline: PieceScores | None = None  # CounterFact sources: their prompts with the true answers
         self.case_known: dict[str, bool] = {}  # CounterFact source id → known before editing
@@ -162,6 +164,8 @@ class MemitModule(CausalLMModule):
             self.baseline = score_pieces(
                 self.lm, self.tokenizer, self.pieces, hp.batch_size, self.pad_id, bar, self.reuse
             )
+        # Greedy continuations the baseline decoded are checked, not decoded again, after each edit (most hold).
+        self.drafts = checked_drafts(self.lm, self.tokenizer, self.pieces, self.baseline, self.pad_id)
         known_cases = None
         if datamodule.cases:
             from lit_coupling.scoring import encode_cloze as encode
@@ -423,7 +427,14 @@ class MemitModule(CausalLMModule):
             len(self.pieces), f"{label}: scoring every piece after the edit", self._show_progress(), "piece"
         ) as bar:
             return score_pieces(
-                self.lm, self.tokenizer, self.pieces, self.options.batch_size, self.pad_id, bar, self._prefix_reuse()
+                self.lm,
+                self.tokenizer,
+                self.pieces,
+                self.options.batch_size,
+                self.pad_id,
+                bar,
+                self._prefix_reuse(),
+                self.drafts,
             )
 
     @staticmethod

@@ -50,6 +50,10 @@ class PieceScores:
     tf_em: list[bool]  # every answer token is the argmax (teacher-forced)
     gen_em: list[bool]  # greedy decoding reads as the answer
     rank: list[int] = field(default_factory=list)  # tokens ranked above the answer's first token (0: top)
+    # per item, what greedy decoding produced where the teacher-forced pass could not settle the match: (answer
+    # tokens it followed, the tokens it went on with); None where settled. Drafts for the next scoring (not saved).
+    drafts: list[tuple[int, list[int]] | None] = field(default_factory=list)
+    decoded: int = 0  # items greedy decoding had to run for (neither the teacher-forced pass nor a draft settled)
 
     def known(self, criterion: str) -> list[bool]:
         """Per piece: does the model know it, by `criterion` (KNOWN_CRITERIA)."""
@@ -124,6 +128,7 @@ def score_clozes(
     generate: str = "needed",
     progress: Progress | None = None,
     reuse: PrefixReuse | None = None,
+    drafts: Sequence[tuple[int, list[int]] | None] | None = None,
 ) -> tuple[PieceScores, list[str]]:
     """Teacher-forced and greedy scores of (prompt ids, answer ids) items, in their order; also the greedy texts.
 
@@ -137,16 +142,26 @@ def score_clozes(
     nothing (gen_em then holds the settled items' answers and False elsewhere). Decoding goes on from the
     teacher-forced pass's KV cache (`CachedScores.continue_greedy`: the prompt is not run again) where the model
     allows it, and stops at the item's answer length + EXTRA_GENERATED_TOKENS.
+
+    `drafts` (the `PieceScores.drafts` of an earlier scoring of the same items) are checked in the teacher-forced
+    pass itself (`scoring.with_branches`): where greedy decoding leaves the answer at the same token and the model's
+    argmax after every draft token is the draft's next token, decoding would produce the draft, and it is not run
+    (speculative decoding's check, exact). After an edit most items' continuations are unchanged.
     """
     n = len(items)
     logp, tf_em, gen_em, texts, rank = [0.0] * n, [False] * n, [False] * n, [""] * n, [0] * n
+    found: list[tuple[int, list[int]] | None] = [None] * n
+    decoded = 0
     eos = tokenizer.eos_token_id
     cached = supports_cached_scoring(model)
     undecided: list[int] = []
     for rows in padded_batches([len(p) + len(a) for p, a in items], batch_size):
         chunk = [items[i] for i in rows]
+        branches = None
+        if cached and drafts:
+            branches = [(d[0], d[1][:-1]) if d and len(d[1]) > 1 else None for d in (drafts[i] for i in rows)]
         if cached:
-            result = CachedScores(model, chunk, pad_id, reuse, ("clozes", n, tuple(rows)))
+            result = CachedScores(model, chunk, pad_id, reuse, ("clozes", n, tuple(rows)), branches)
             greedy, following, batch_rank = result.greedy, result.next, result.rank
             batch_logp, batch_tf = result.logp, result.tf_em
         else:
@@ -166,15 +181,27 @@ def score_clozes(
             texts[i] = tokenizer.decode(answer_ids[:j] + [first[-1]], skip_special_tokens=True)
             wanted = generate == "all" or (generate == "needed" and decided is None)
             max_new.append(len(answer_ids) + EXTRA_GENERATED_TOKENS - j if wanted else 1)
-            if wanted:
+            draft = drafts[i] if drafts and cached else None
+            if (
+                wanted
+                and draft
+                and draft[0] == j
+                and draft[1][0] == first[-1]
+                and (result.branch_argmax[k][: len(draft[1]) - 1] == draft[1][1:])
+            ):
+                ids = answer_ids[:j] + draft[1]  # what decoding would give: the draft, checked token by token
+                gen_em[i] = generated_exact_match(tokenizer, ids, answers[i])
+                texts[i], found[i] = tokenizer.decode(ids, skip_special_tokens=True), draft
+            elif wanted:
                 pending.append(k)
+        decoded += len(pending)
         if pending and cached:  # decode on from the teacher-forced pass's cache
             continued = result.continue_greedy(keep, first, max_new, eos)
             for k in pending:
                 i = rows[k]
                 ids = list(items[i][1])[: keep[k]] + continued[k]
                 gen_em[i] = generated_exact_match(tokenizer, ids, answers[i])
-                texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
+                texts[i], found[i] = tokenizer.decode(ids, skip_special_tokens=True), (keep[k], continued[k])
         elif pending:
             undecided += [rows[k] for k in pending]
         if progress is not None:
@@ -192,7 +219,7 @@ def score_clozes(
             ids = ids[: len(items[i][1]) + EXTRA_GENERATED_TOKENS]  # as if decoded alone
             gen_em[i] = generated_exact_match(tokenizer, ids, answers[i])
             texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
-    return PieceScores(logp, tf_em, gen_em, rank), texts
+    return PieceScores(logp, tf_em, gen_em, rank, found, decoded), texts
 
 
 def score_pieces(
@@ -203,11 +230,31 @@ def score_pieces(
     pad_id: int,
     progress: Progress | None = None,
     reuse: PrefixReuse | None = None,
+    drafts: Sequence[tuple[int, list[int]] | None] | None = None,
 ) -> PieceScores:
     items = [(p.prompt_ids, p.answer_ids) for p in pieces]
+    answers = [p.answer for p in pieces]
     return score_clozes(
-        model, tokenizer, items, [p.answer for p in pieces], batch_size, pad_id, progress=progress, reuse=reuse
+        model, tokenizer, items, answers, batch_size, pad_id, progress=progress, reuse=reuse, drafts=drafts
     )[0]
+
+
+def checked_drafts(model, tokenizer, pieces: Sequence[KnowledgePiece], baseline: PieceScores, pad_id: int, rows=16):
+    """The baseline's drafts, if checking them in the teacher-forced pass works for this model: `rows` pieces with
+    drafts scored again on the same (unedited) model, their drafts as branches, must give the same log P and
+    greedy matches with no decoding (tree attention through a 4D mask is not assumed of every family). Else None:
+    decoding then runs as without drafts."""
+    picked = [i for i, d in enumerate(baseline.drafts) if d][:rows]
+    if not picked or not supports_cached_scoring(model):
+        return None
+    sub = [pieces[i] for i in picked]
+    try:
+        again = score_pieces(model, tokenizer, sub, len(sub), pad_id, drafts=[baseline.drafts[i] for i in picked])
+    except Exception:  # a family whose forward refuses a 4D mask or position ids
+        return None
+    same = all(abs(again.logp[k] - baseline.logp[i]) < 1e-4 for k, i in enumerate(picked))
+    same = same and [again.gen_em[k] for k in range(len(picked))] == [baseline.gen_em[i] for i in picked]
+    return baseline.drafts if same and again.decoded == 0 else None
 
 
 def question_of(pieces: Sequence[KnowledgePiece], source: int) -> int | None:
