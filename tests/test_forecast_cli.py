@@ -86,6 +86,11 @@ def test_files_and_bit_identical_weights(forecast_run, world):  # noqa: F811
     top = doc["explained"][0]["top_facts"][0]
     assert sum(top["by_layer"].values()) == pytest.approx(top["predicted_delta_logp"], rel=1e-6)
     assert len(top["tokens"]) == 3
+    # the damage explained is the ripple: an edit's own fact (its target) is never among its top facts
+    own = {r["fact"] for r in rows if r["edit"] == "edit 0" and r["own_fact"] == "1"}
+    assert own and not own & {t["fact"] for t in doc["explained"][0]["top_facts"]}
+    ripple = [float(r["predicted_delta_logp"]) for r in rows if r["edit"] == "edit 0" and r["own_fact"] != "1"]
+    assert sum(doc["explained"][0]["by_layer_total"].values()) == pytest.approx(sum(ripple), rel=1e-5, abs=1e-6)
     json.dumps(doc)  # plain JSON
 
 

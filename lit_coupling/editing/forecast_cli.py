@@ -554,7 +554,8 @@ def forecast(args) -> dict:
     # --- what carries the damage: layers and prompt tokens of the top facts
     explained = []
     for e, name in enumerate(names):
-        order = np.argsort(predicted[e], kind="stable")[: args.top]
+        ripple = ~own[e]  # the edit's own facts are its target, not the damage it does
+        order = [j for j in np.argsort(predicted[e], kind="stable") if ripple[j]][: args.top]
         tops = []
         for j in order:
             terms = exact.terms_of(e, int(j)).numpy()  # (T_j, L)
@@ -581,7 +582,10 @@ def forecast(args) -> dict:
             {
                 "edit": name,
                 "top_facts": tops,
-                "by_layer_total": {str(layer): float(exact.delta[e, li].sum()) for li, layer in enumerate(hp.layers)},
+                "by_layer_total": {
+                    str(layer): float(exact.delta[e, li][torch.from_numpy(ripple)].sum())
+                    for li, layer in enumerate(hp.layers)
+                },
             }
         )
 
