@@ -31,36 +31,31 @@ def test_k_specs():
         parse_k("64")
 
 
+def world_args(built: dict, out, *flags):
+    """forecast's arguments on the test world: its model, pieces (the first 40 as facts), MEMIT set and statistics."""
+    paths = ["--model_path", str(built["model"]), "--pieces", str(built["pieces"]), "--memit", str(built["hparams"])]
+    common = ["--stats_dir", str(built["stats"]), "--max_facts", "40", "--output_dir", str(out)]
+    return parser().parse_args([*paths, *common, *flags])
+
+
 @pytest.fixture(scope="module")
 def forecast_run(world, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("forecast")
-    args = parser().parse_args(
-        [
-            "--model_path",
-            str(world["model"]),
-            "--pieces",
-            str(world["pieces"]),
-            "--n_edits",
-            "2",
-            "--batch",
-            "--validate",
-            "--epsilons",
-            "0.05",
-            "--k",
-            "8x8,4096x4096",
-            "--memit",
-            str(world["hparams"]),
-            "--stats_dir",
-            str(world["stats"]),
-            "--cache_dir",
-            str(out / "cache"),
-            "--max_facts",
-            "40",
-            "--top",
-            "3",
-            "--output_dir",
-            str(out),
-        ]
+    args = world_args(
+        world,
+        out,
+        "--n_edits",
+        "2",
+        "--batch",
+        "--validate",
+        "--epsilons",
+        "0.05",
+        "--k",
+        "8x8,4096x4096",
+        "--cache_dir",
+        str(out / "cache"),
+        "--top",
+        "3",
     )
     log = io.StringIO()  # what the user sees on stderr: the progress lines (no terminal: plain lines) and says
     with contextlib.redirect_stderr(log):
@@ -260,27 +255,7 @@ def test_an_edit_of_a_stored_fact_leaves_that_fact_out(world, tmp_path):  # noqa
     piece = next(p for p in pieces if p.is_single_hop and p.subject in p.prompt)
     new = next(p.answer for p in pieces if p.answer != piece.answer and p.kind == piece.kind)
     spaced = "  " + piece.prompt.replace(" ", "   ", 1) + " "
-    args = parser().parse_args(
-        [
-            "--model_path",
-            str(world["model"]),
-            "--pieces",
-            str(world["pieces"]),
-            "--edit",
-            f"{piece.subject}|{spaced}|{new}",
-            "--validate",
-            "--memit",
-            str(world["hparams"]),
-            "--stats_dir",
-            str(world["stats"]),
-            "--max_facts",
-            "40",
-            "--top",
-            "1",
-            "--output_dir",
-            str(tmp_path),
-        ]
-    )
+    args = world_args(world, tmp_path, "--edit", f"{piece.subject}|{spaced}|{new}", "--validate", "--top", "1")
     with contextlib.redirect_stderr(io.StringIO()):
         doc = forecast(args)
     request = doc["edits"][0]["requests"][0]
