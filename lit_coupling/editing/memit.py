@@ -408,11 +408,9 @@ class GroupedEditor:
 
     @property
     def fact_hidden(self) -> torch.Tensor:
-        parts = [(index, editor.fact_hidden) for index, editor in self.groups]
-        out = parts[0][1].new_empty((self.n_rows, parts[0][1].shape[-1]))
-        for index, hidden in parts:
-            out[index] = hidden
-        return out
+        """(B, d): block `layer`'s output at each row's fact token, in the batch's row order."""
+        rows = torch.cat([index for index, _ in self.groups])
+        return torch.cat([editor.fact_hidden for _, editor in self.groups])[torch.argsort(rows)]
 
     def logits(self, delta: torch.Tensor) -> torch.Tensor:
         """(K, V) logits at `positions`; δ is (d,) or one row per batch row (R, d)."""
@@ -467,6 +465,7 @@ class _Rows:
         self.requests = torch.tensor(list(requests), device=device)
         batch = PromptBatch.of(prompts, pad_id, device)
         self.row_request = torch.tensor(row_request, device=device)  # request id of every row
+        self.row_local = torch.searchsorted(self.requests, self.row_request)  # its position among `requests`
         self.is_rewrite = torch.ones(len(prompts), dtype=torch.bool, device=device)
         self.is_rewrite[kl_rows] = False
         target_mask = batch.answer_mask[:, 1:] & self.is_rewrite[:, None]  # logits at t−1 predict the token at t
@@ -483,12 +482,11 @@ class _Rows:
     def losses(self, logits: torch.Tensor, n_rewrites: torch.Tensor):
         """Per request of these rows (in `requests` order): mean target NLL per token, and the KL logits."""
         dtype = logits.dtype
-        local = torch.searchsorted(self.requests, self.row_request)  # position of each row's request here
         token_logp = torch.log_softmax(logits[: len(self.t_rows)], dim=-1).gather(-1, self.targets[:, None])[:, 0]
         per_row = torch.zeros(self.n_rows, dtype=dtype, device=logits.device).index_add(0, self.t_rows, token_logp)
         per_row = per_row / self.tokens_per_row.to(dtype)
         nll = -torch.zeros(len(self.requests), dtype=dtype, device=logits.device).index_add(
-            0, local[self.is_rewrite], per_row[self.is_rewrite]
+            0, self.row_local[self.is_rewrite], per_row[self.is_rewrite]
         )
         return nll / n_rewrites[self.requests].to(dtype), torch.log_softmax(logits[len(self.t_rows) :], dim=-1)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from functools import partial
 
 import torch
 
@@ -462,6 +463,32 @@ class MemitModule(CausalLMModule):
             "measure": time.perf_counter() - measured,
         }
 
+    def _apply_memit(self, requests: list[EditRequest]):
+        return apply_memit(
+            self.adapter,
+            self.tokenizer,
+            requests,
+            self.memit_hparams,
+            self.solvers,
+            self.prefixes,
+            self.bos,
+            self.pad_id,
+            progress=self._show_progress(),
+        )
+
+    @staticmethod
+    def _factors(result) -> dict:
+        """The edit's ΔW as its low-rank factors, float32 on the CPU (what edit_updates.pt keeps)."""
+        return {layer: (u.float().cpu(), v.float().cpu()) for layer, (u, v) in result.updates.items()}
+
+    def _record(self, request, after, probes, probe_before, info: dict, times) -> dict:
+        """The request's probes scored after the edit, then its record; `times()` is read after that scoring, so
+        the measure time includes it."""
+        probe_after, probe_texts = self._probes_after(probes)
+        return experiment_record(
+            request, self.pieces, self.baseline, after, probes, probe_before, probe_after, probe_texts, info, times()
+        )
+
     def _edit_batch_and_measure(self, requests: list[EditRequest]) -> list[dict]:
         """B requests as one MEMIT edit: every piece scored once after it (the joint ripple), each request's own
         probes before and after; the batch's ΔW is saved under every member's edit id."""
@@ -471,17 +498,7 @@ class MemitModule(CausalLMModule):
         try:
             probes, probe_before = map(list, zip(*(self._probes_before(r) for r in requests)))
             edited = time.perf_counter()
-            result = apply_memit(
-                self.adapter,
-                self.tokenizer,
-                requests,
-                self.memit_hparams,
-                self.solvers,
-                self.prefixes,
-                self.bos,
-                self.pad_id,
-                progress=self._show_progress(),
-            )
+            result = self._apply_memit(requests)
         except Exception as error:
             if hp.on_edit_error == "raise":
                 raise
@@ -492,27 +509,13 @@ class MemitModule(CausalLMModule):
             ]
         measured = time.perf_counter()
         after = self._pieces_after(f"batch of {len(requests)} edits")
-        joint = {layer: (u.float().cpu(), v.float().cpu()) for layer, (u, v) in result.updates.items()}
+        joint = self._factors(result)
         records = []
         for i, request in enumerate(requests):
-            probe_after, probe_texts = self._probes_after(probes[i])
             self.updates[request.edit_id] = joint
             info = self._memit_info(result, i) | {"batch": batch_info}
-            times = self._memit_times(result, edited, measured)
-            records.append(
-                experiment_record(
-                    request,
-                    self.pieces,
-                    self.baseline,
-                    after,
-                    probes[i],
-                    probe_before[i],
-                    probe_after,
-                    probe_texts,
-                    info,
-                    times,
-                )
-            )
+            times = partial(self._memit_times, result, edited, measured)
+            records.append(self._record(request, after, probes[i], probe_before[i], info, times))
         return records
 
     def _edit_and_measure(self, request: EditRequest) -> dict:
@@ -532,52 +535,29 @@ class MemitModule(CausalLMModule):
                     self.pad_id,
                 )
             else:
-                result = apply_memit(
-                    self.adapter,
-                    self.tokenizer,
-                    [request],
-                    self.memit_hparams,
-                    self.solvers,
-                    self.prefixes,
-                    self.bos,
-                    self.pad_id,
-                    progress=self._show_progress(),
-                )
+                result = self._apply_memit([request])
         except Exception as error:
             if hp.on_edit_error == "raise":
                 raise
             return failed_record(request, error, {"edit": time.perf_counter() - start, "measure": 0.0})
         measured = time.perf_counter()
         after = self._pieces_after(f"edit {request.edit_id}")
-        probe_after, probe_texts = self._probes_after(probes)
-        self.updates[request.edit_id] = {
-            layer: (u.float().cpu(), v.float().cpu()) for layer, (u, v) in result.updates.items()
-        }
-        if self.finetune is not None:
+        self.updates[request.edit_id] = self._factors(result)
+        if self.finetune is None:
+            info = self._memit_info(result, 0)
+            times = partial(self._memit_times, result, edited, measured)
+        else:
             info = {
                 "editor": "ft",
                 "delta_norms": {str(k): v for k, v in result.delta_norms.items()},
                 "logp_new": result.logp_new,
                 "norm_constraint_bound": result.scaled,
             }
-            times = {"edit": measured - edited, "measure": time.perf_counter() - measured}
-            return experiment_record(
-                request, self.pieces, self.baseline, after, probes, probe_before, probe_after, probe_texts, info, times
-            )
-        info = self._memit_info(result, 0)
-        times = self._memit_times(result, edited, measured)
-        return experiment_record(
-            request,
-            self.pieces,
-            self.baseline,
-            after,
-            probes,
-            probe_before,
-            probe_after,
-            probe_texts,
-            info,
-            times,
-        )
+
+            def times():
+                return {"edit": measured - edited, "measure": time.perf_counter() - measured}
+
+        return self._record(request, after, probes, probe_before, info, times)
 
     def on_predict_end(self) -> None:
         from lit_coupling.editing.callbacks import gather_objects
