@@ -62,6 +62,8 @@ BAD_SETTINGS = [
     (["--memit.on_edit_error", "skip"], ["--memit.on_edit_error"]),
     (["--memit.hparams", "no/such.yaml"], ["--memit.hparams", "No such file"]),
     (["--memit.cov_corpus", "no/such.txt"], ["--memit.cov_corpus", "No such file"]),
+    (["--memit.cov_corpus", "/"], ["--memit.cov_corpus", "a directory, not a file"]),
+    (["--memit.stats_dir", "/dev/null"], ["--memit.stats_dir", "That is a file"]),
     (["--dtype", "float16"], ["--dtype", "underflow"]),
     (["--dtype", "int8"], ["--dtype"]),
     (["--layers", "3-1"], ["--layers", "backwards", "1-3"]),

@@ -73,12 +73,16 @@ class MemitOptions:
         E.check_text("memit.cov_corpus", self.cov_corpus, optional=False)
         corpus = self.cov_corpus
         if corpus != "hotpot" and not corpus.startswith("hf:") and not Path(corpus).expanduser().is_file():
+            found = "That is a directory, not a file" if Path(corpus).expanduser().is_dir() else "No such file"
             raise E.bad_setting(
                 "memit.cov_corpus",
                 corpus,
                 "hotpot, a .txt/.json/.jsonl file, or hf:NAME[:CONFIG][:SPLIT]",
-                "No such file: check the path",
+                f"{found}: check the path",
             )
+        stats = Path(self.stats_dir).expanduser() if self.stats_dir is not None else None
+        if stats is not None and stats.exists() and not stats.is_dir():  # else found after minutes of covariance
+            raise E.bad_setting("memit.stats_dir", self.stats_dir, "a directory", "That is a file: check the path")
         E.check_int(
             "memit.cov_tokens",
             self.cov_tokens,
