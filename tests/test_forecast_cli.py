@@ -278,6 +278,8 @@ def test_an_edit_of_a_stored_fact_leaves_that_fact_out(world, tmp_path):  # noqa
         (["--epsilons", "0.1"], "--epsilons"),  # without --validate it would be ignored
         (["--k", "0x5"], "--k"),
         (["--known", "maybe"], "--known"),
+        (["--stats_dir", "/dev/null"], "--stats_dir"),
+        (["--cache_dir", "/dev/null"], "--cache_dir"),
     ],
 )
 def test_wrong_values_are_refused_before_any_model_is_loaded(tmp_path, flags, named):

@@ -332,9 +332,10 @@ def validate(args) -> None:
         raise bad_setting(
             "epsilons", args.epsilons, "--validate with it", "ε·ΔW is only scored when the edits are made"
         )
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise bad_setting("output_dir", args.output_dir, "a directory", "this is a file")
+    for name in ("output_dir", "stats_dir", "cache_dir"):  # else found when first written: after minutes of work
+        value = getattr(args, name, None)
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise bad_setting(name, value, "a directory", "this is a file")
 
 
 def main(argv: list[str] | None = None) -> int:
