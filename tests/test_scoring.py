@@ -261,6 +261,7 @@ def test_checked_drafts_give_what_decoding_gives_after_an_edit(tok, family):
     trusted."""
     from lit_coupling.editing.ripple import score_clozes
     from lit_coupling.models.adapters import ModelAdapter
+    from lit_coupling.models.hooks import Hooks
     from lit_coupling.scoring import prefix_reuse
 
     torch.manual_seed(6)
@@ -276,6 +277,15 @@ def test_checked_drafts_give_what_decoding_gives_after_an_edit(tok, family):
     drafts = list(before.drafts)
     keep, tokens = drafts[1]
     drafts[1] = (keep, [tokens[0], *[(t + 1) % len(tok) for t in tokens[1:]]])  # a draft that is wrong
+    decoding_rows = []  # the rows of every one-token (decoding) forward
+
+    def count(_module, _args, kwargs):
+        if kwargs["input_ids"].shape[1] == 1:
+            decoding_rows.append(kwargs["input_ids"].shape[0])
+
+    with Hooks(pre=[(model, count)], pre_kwargs=True):  # unedited: only the wrong draft's row is decoded, alone
+        once, _ = score_clozes(model, tok, items, answers, 4, pad, generate="all", reuse=reuse, drafts=drafts)
+    assert once.decoded == 1 and decoding_rows and set(decoding_rows) == {1}
     with torch.no_grad():
         adapter.target(2).module.weight.add_(torch.randn_like(adapter.target(2).module.weight) * 0.05)
     got, got_texts = score_clozes(model, tok, items, answers, 4, pad, generate="all", reuse=reuse, drafts=drafts)

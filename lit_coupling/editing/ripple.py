@@ -196,7 +196,11 @@ def score_clozes(
                 pending.append(k)
         decoded += len(pending)
         if pending and cached:  # decode on from the teacher-forced pass's cache
-            continued = result.continue_greedy(keep, first, max_new, eos)
+            # Only the pending rows decode: a row its draft settled would otherwise run every step for nothing.
+            decoding = set(pending)
+            continued = result.continue_greedy(
+                keep, first, [m if k in decoding else 1 for k, m in enumerate(max_new)], eos
+            )
             for k in pending:
                 i = rows[k]
                 ids = list(items[i][1])[: keep[k]] + continued[k]
