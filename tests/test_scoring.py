@@ -262,7 +262,7 @@ def test_checked_drafts_give_what_decoding_gives_after_an_edit(tok, family):
     from lit_coupling.editing.ripple import score_clozes
     from lit_coupling.models.adapters import ModelAdapter
     from lit_coupling.models.hooks import Hooks
-    from lit_coupling.scoring import prefix_reuse
+    from lit_coupling.scoring import padded_batches, prefix_reuse
 
     torch.manual_seed(6)
     model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok), layers=4)).eval()
@@ -277,15 +277,24 @@ def test_checked_drafts_give_what_decoding_gives_after_an_edit(tok, family):
     drafts = list(before.drafts)
     keep, tokens = drafts[1]
     drafts[1] = (keep, [tokens[0], *[(t + 1) % len(tok) for t in tokens[1:]]])  # a draft that is wrong
-    decoding_rows = []  # the rows of every one-token (decoding) forward
+    decoding_rows, padded = [], 0  # the rows of every one-token (decoding) forward; the teacher-forced area
 
-    def count(_module, _args, kwargs):
-        if kwargs["input_ids"].shape[1] == 1:
-            decoding_rows.append(kwargs["input_ids"].shape[0])
+    def count(_module, args, kwargs):  # on block 2: the re-scoring passes run from there, decoding runs it too
+        nonlocal padded
+        rows, width = (args[0] if args else kwargs["hidden_states"]).shape[:2]
+        if width == 1:
+            decoding_rows.append(rows)
+        else:
+            padded += rows * width
 
-    with Hooks(pre=[(model, count)], pre_kwargs=True):  # unedited: only the wrong draft's row is decoded, alone
+    with Hooks(
+        pre=[(adapter.blocks[2], count)], pre_kwargs=True
+    ):  # unedited: only the wrong draft's row is decoded, alone
         once, _ = score_clozes(model, tok, items, answers, 4, pad, generate="all", reuse=reuse, drafts=drafts)
     assert once.decoded == 1 and decoding_rows and set(decoding_rows) == {1}
+    # Rows are batched by their length with their draft (the drafts lengthen rows unevenly): the least padding.
+    with_drafts = [len(p) + len(a) + len(d[1]) - 1 for (p, a), d in zip(items, drafts)]
+    assert padded == sum(len(rows) * max(with_drafts[i] for i in rows) for rows in padded_batches(with_drafts, 4))
     with torch.no_grad():
         adapter.target(2).module.weight.add_(torch.randn_like(adapter.target(2).module.weight) * 0.05)
     got, got_texts = score_clozes(model, tok, items, answers, 4, pad, generate="all", reuse=reuse, drafts=drafts)

@@ -155,11 +155,15 @@ def score_clozes(
     eos = tokenizer.eos_token_id
     cached = supports_cached_scoring(model)
     undecided: list[int] = []
-    for rows in padded_batches([len(p) + len(a) for p, a in items], batch_size):
+    # A draft checked in the pass runs after its item's answer (all but its last token): batches are cut by the
+    # length with it, or a row with a long draft pads its whole batch.
+    branch = [None] * n
+    if cached and drafts:
+        branch = [(d[0], d[1][:-1]) if d and len(d[1]) > 1 else None for d in drafts]
+    lengths = [len(p) + len(a) + (len(b[1]) if b else 0) for (p, a), b in zip(items, branch)]
+    for rows in padded_batches(lengths, batch_size):
         chunk = [items[i] for i in rows]
-        branches = None
-        if cached and drafts:
-            branches = [(d[0], d[1][:-1]) if d and len(d[1]) > 1 else None for d in (drafts[i] for i in rows)]
+        branches = [branch[i] for i in rows] if cached and drafts else None
         if cached:
             result = CachedScores(model, chunk, pad_id, reuse, ("clozes", n, tuple(rows)), branches)
             greedy, following, batch_rank = result.greedy, result.next, result.rank
