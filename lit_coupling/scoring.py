@@ -434,6 +434,7 @@ class CachedScores:
         self.model, self.pad_id = model, pad_id
         device = next(model.parameters()).device
         self.lengths = [len(p) for p, _ in items]  # prompt lengths: where each row's answer starts
+        self.ends = [len(p) + len(a) for p, a in items]  # where each row's answer ends (and its branch starts)
         batch = collate_clozes(items, pad_id)
         window = answer_window(batch)
         inputs = {}
@@ -478,18 +479,26 @@ class CachedScores:
 
     @torch.no_grad()
     def continue_greedy(
-        self, keep: Sequence[int], first: Sequence[int], max_new: Sequence[int], eos_id: int | None
+        self,
+        keep: Sequence[int],
+        first: Sequence[int],
+        max_new: Sequence[int],
+        eos_id: int | None,
+        taken: Sequence[int] | None = None,
     ) -> list[list[int]]:
-        """Greedy decoding of every row after its prompt + its first `keep[r]` answer tokens, whose next token is
-        `first[r]` (already known); `max_new[r]` new tokens at most (`first` included), stopping after EOS.
+        """Greedy decoding of every row after its prompt + its first `keep[r]` answer tokens + the first `taken[r]`
+        tokens of its branch (default 0: a draft's start that greedy decoding is known to follow), whose next token
+        is `first[r]` (already known); `max_new[r]` new tokens at most (the taken ones and `first` included),
+        stopping after EOS. Returns per row `first` and the tokens decoded after it.
 
         The cache of the teacher-forced pass is reused: the columns after the tokens a row keeps (the rest of its
-        answer, its padding) are masked out, new tokens go after the last column, and positions go on from the
-        tokens kept: what decoding from that point sees.
+        answer, its padding, the branch tokens not taken) are masked out, new tokens go after the last column, and
+        positions go on from the tokens kept: what decoding from that point sees.
         """
         device = self.mask.device
+        taken = list(taken) if taken is not None else [0] * len(keep)
         out: list[list[int]] = [[int(t)] for t in first]
-        done = [t == eos_id or max_new[r] <= 1 for r, t in enumerate(first)]
+        done = [t == eos_id or taken[r] + 1 >= max_new[r] for r, t in enumerate(first)]
         cache = self.cache
         self.cache = None  # grown past the teacher-forced pass: not reusable
         active = [r for r in range(len(keep)) if not done[r]]  # only rows still decoding run the model
@@ -505,9 +514,10 @@ class CachedScores:
         mask = self.mask.index_select(0, index).clone()
         for row, r in enumerate(active):
             mask[row, self.lengths[r] + keep[r] :] = 0
-        position = torch.tensor([self.lengths[r] + keep[r] for r in active], device=device)
+            mask[row, self.ends[r] : self.ends[r] + taken[r]] = 1  # a branch starts after its row's answer
+        position = torch.tensor([self.lengths[r] + keep[r] + taken[r] for r in active], device=device)
         token = torch.tensor([first[r] for r in active], device=device)
-        for _ in range(max(max_new[r] for r in active) - 1):
+        for _ in range(max(max_new[r] - taken[r] for r in active) - 1):
             if all(done[r] for r in active):
                 break
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], 1)
@@ -525,7 +535,7 @@ class CachedScores:
                 r = active[row]
                 if not done[r]:
                     out[r].append(t)
-                    done[r] = t == eos_id or len(out[r]) >= max_new[r]
+                    done[r] = t == eos_id or taken[r] + len(out[r]) >= max_new[r]
             finished = torch.tensor([done[r] for r in active], device=device)
             token = torch.where(finished, torch.full_like(token, self.pad_id), token)
         return out

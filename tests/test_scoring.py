@@ -270,13 +270,16 @@ def test_checked_drafts_give_what_decoding_gives_after_an_edit(tok, family):
     items, answers = _reuse_items(tok)
     pad = tok.pad_token_id
     reuse = prefix_reuse(model, adapter, 2)
-    before, _ = score_clozes(model, tok, items, answers, 4, pad, generate="all", reuse=reuse)
+    before, before_texts = score_clozes(model, tok, items, answers, 4, pad, generate="all", reuse=reuse)
     assert before.decoded == len(items) and all(before.drafts)
     again, _ = score_clozes(model, tok, items, answers, 4, pad, generate="all", reuse=reuse, drafts=before.drafts)
     assert again.decoded == 0  # the same model: every draft holds
     drafts = list(before.drafts)
     keep, tokens = drafts[1]
-    drafts[1] = (keep, [tokens[0], *[(t + 1) % len(tok) for t in tokens[1:]]])  # a draft that is wrong
+    drafts[1] = (keep, [tokens[0], *[(t + 1) % len(tok) for t in tokens[1:]]])  # a draft wrong from its 2nd token
+    keep, tokens = drafts[3]
+    assert len(tokens) > 2
+    drafts[3] = (keep, [*tokens[:-1], (tokens[-1] + 1) % len(tok)])  # wrong at its last token only
     decoding_rows, padded = [], 0  # the rows of every one-token (decoding) forward; the teacher-forced area
 
     def count(_module, args, kwargs):  # on block 2: the re-scoring passes run from there, decoding runs it too
@@ -290,8 +293,11 @@ def test_checked_drafts_give_what_decoding_gives_after_an_edit(tok, family):
     with Hooks(
         pre=[(adapter.blocks[2], count)], pre_kwargs=True
     ):  # unedited: only the wrong draft's row is decoded, alone
-        once, _ = score_clozes(model, tok, items, answers, 4, pad, generate="all", reuse=reuse, drafts=drafts)
+        once, texts = score_clozes(model, tok, items, answers, 4, pad, generate="all", reuse=reuse, drafts=drafts)
+    # The draft wrong at its last token is settled by the argmax there (all its other tokens checked); the one
+    # wrong from its second token decodes on after its first token and that argmax, alone.
     assert once.decoded == 1 and decoding_rows and set(decoding_rows) == {1}
+    assert len(decoding_rows) < len(drafts[1][1]) - 1 and texts == before_texts and once.drafts == before.drafts
     # Rows are batched by their length with their draft (the drafts lengthen rows unevenly): the least padding.
     with_drafts = [len(p) + len(a) + len(d[1]) - 1 for (p, a), d in zip(items, drafts)]
     assert padded == sum(len(rows) * max(with_drafts[i] for i in rows) for rows in padded_batches(with_drafts, 4))

@@ -172,7 +172,7 @@ def score_clozes(
             scored = score_batch(model, collate_clozes(chunk, pad_id))
             greedy, following, batch_rank = scored["greedy"], scored["next"], scored["rank"]
             batch_logp, batch_tf = scored["logp"], scored["tf_em"]
-        keep, first, max_new, pending = [], [], [], []
+        keep, first, max_new, pending, taken = [], [], [], [], []
         for k, i in enumerate(rows):
             logp[i], tf_em[i], rank[i] = batch_logp[k].item(), bool(batch_tf[k]), batch_rank[k]
             answer_ids = list(items[i][1])
@@ -185,17 +185,21 @@ def score_clozes(
             texts[i] = tokenizer.decode(answer_ids[:j] + [first[-1]], skip_special_tokens=True)
             wanted = generate == "all" or (generate == "needed" and decided is None)
             max_new.append(len(answer_ids) + EXTRA_GENERATED_TOKENS - j if wanted else 1)
+            taken.append([])
             draft = drafts[i] if drafts and cached else None
-            if (
-                wanted
-                and draft
-                and draft[0] == j
-                and draft[1][0] == first[-1]
-                and (result.branch_argmax[k][: len(draft[1]) - 1] == draft[1][1:])
-            ):
-                ids = answer_ids[:j] + draft[1]  # what decoding would give: the draft, checked token by token
+            known = None
+            if wanted and draft and draft[0] == j and draft[1][0] == first[-1]:
+                # The argmax after each draft token, read in the pass (speculative decoding's check): greedy
+                # decoding takes the draft up to the first token the argmax disagrees with, then that argmax.
+                tokens, seen = draft[1], result.branch_argmax[k]
+                m = next((b for b, t in enumerate(seen) if t != tokens[b + 1]), len(tokens) - 1)
+                taken[-1], known = tokens[: m + 1], tokens[: m + 1] + seen[m : m + 1]
+                if m + 1 < len(tokens) and known[-1] != eos and len(known) < max_new[-1]:
+                    first[-1], known = known[-1], None  # decoding goes on after the tokens taken
+            if known is not None:  # settled by the draft, without decoding
+                ids = answer_ids[:j] + known[: max_new[-1]]
                 gen_em[i] = generated_exact_match(tokenizer, ids, answers[i])
-                texts[i], found[i] = tokenizer.decode(ids, skip_special_tokens=True), draft
+                texts[i], found[i] = tokenizer.decode(ids, skip_special_tokens=True), (j, known[: max_new[-1]])
             elif wanted:
                 pending.append(k)
         decoded += len(pending)
@@ -203,13 +207,18 @@ def score_clozes(
             # Only the pending rows decode: a row its draft settled would otherwise run every step for nothing.
             decoding = set(pending)
             continued = result.continue_greedy(
-                keep, first, [m if k in decoding else 1 for k, m in enumerate(max_new)], eos
+                keep,
+                first,
+                [m if k in decoding else 1 for k, m in enumerate(max_new)],
+                eos,
+                [len(t) for t in taken],
             )
             for k in pending:
                 i = rows[k]
-                ids = list(items[i][1])[: keep[k]] + continued[k]
+                tokens = taken[k] + continued[k]
+                ids = list(items[i][1])[: keep[k]] + tokens
                 gen_em[i] = generated_exact_match(tokenizer, ids, answers[i])
-                texts[i], found[i] = tokenizer.decode(ids, skip_special_tokens=True), (keep[k], continued[k])
+                texts[i], found[i] = tokenizer.decode(ids, skip_special_tokens=True), (keep[k], tokens)
         elif pending:
             undecided += [rows[k] for k in pending]
         if progress is not None:
