@@ -94,7 +94,7 @@ def edit_cases(model, tokenizer, pieces, args, pad, results: dict, scores: dict,
             weight = adapter.target(layer).weight()
             u = torch.randn(weight.shape[0], 1, generator=generator)
             v = torch.randn(weight.shape[1], 1, generator=generator)
-            adapter.target(layer).add_((u @ v.T) * (0.5 * weight.norm() / (u.norm() * v.norm())))
+            adapter.target(layer).add_((u @ v.T) * (args.edit_size * weight.norm() / (u.norm() * v.norm())))
     import lit_coupling.editing.ripple as ripple_module
 
     cut = ripple_module.padded_batches
@@ -159,7 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         "model's MEMIT layers, scored whole (after-full) and from the first edited block with "
         "the states kept from the before-edit pass (after-reuse, what the ripple stage does)",
     )
+    parser.add_argument(
+        "--edit-size",
+        type=float,
+        default=0.5,
+        help="the rank-one change's norm, as a fraction of each edited weight's (0.05 is a MEMIT edit's order: few "
+        "greedy continuations change; 0.5 changes most)",
+    )
     args = parser.parse_args(argv)
+    if not args.edit_size > 0:
+        parser.error(f"--edit-size must be positive (got {args.edit_size})")
     torch.set_num_threads(args.threads)
     ensure_embedded(args.model)  # an embedded name (tiny-gpt2) is trained on first use
     loaded = load_model(args.model, dtype="float32", device="cpu")
