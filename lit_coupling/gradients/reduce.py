@@ -182,6 +182,8 @@ def layer_gram(shards: ShardSet, layer: int, settings: ReduceSettings, dtype: to
         def pair(bi, a0, a1, bj, b0, b1):
             if cache.get("key") != (a0, a1):  # the row block's gradients are built once, not once per column chunk
                 cache.update(key=(a0, a1), g=piece_gradients(*bi.take(a0, a1), tokens[a0:a1]))
+            if (b0, b1) == (a0, a1):  # a diagonal block: its columns are its rows (all of them when N is small)
+                return gemm_inner(cache["g"], cache["g"])
             return gemm_inner(cache["g"], piece_gradients(*bj.take(b0, b1), tokens[b0:b1]))
 
         ones = np.ones(n)
