@@ -434,8 +434,8 @@ class CachedScores:
         self.model, self.pad_id = model, pad_id
         device = next(model.parameters()).device
         self.lengths = [len(p) for p, _ in items]  # prompt lengths: where each row's answer starts
-        self.ends = [len(p) + len(a) for p, a in items]  # where each row's answer ends (and its branch starts)
         batch = collate_clozes(items, pad_id)
+        self.ends = batch["lengths"].tolist()  # where each row's answer ends (and its branch starts)
         window = answer_window(batch)
         inputs = {}
         if branches is not None and any(branches):

@@ -446,7 +446,7 @@ def key_covariances(
     start = time.perf_counter()
     windows: list[tuple[int, int]] = []
     read = token_windows(tokenizer, corpus.documents(), bos_ids, max_length, tokens, windows)
-    counted = min(tokens, sum(map(len, read)))
+    counted = sum(map(len, read))  # at most `tokens`: the windows stop there
     state = accumulate_moments(
         adapter, length_batches(read, area), missing, counted, pad_id, state, checkpoint, checkpoint_every_s, progress
     )

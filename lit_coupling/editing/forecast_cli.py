@@ -833,33 +833,19 @@ def plot_series(names, predicted, measured, own, n_single: int) -> list[dict]:
     a colour with a single edit or drops out of the legend. Each edit's own facts (`own`) are left out: their
     change is the edit itself, not its ripple, and they dwarf the scale."""
     keep = ~np.asarray(own, dtype=bool)
-    series = []
+
+    def series(label: str, colour: str, marker: str, edits) -> dict:
+        x, y = (np.concatenate([values[e][keep[e]] for e in edits]) for values in (predicted, measured))
+        return {"label": label, "colour": colour, "marker": marker, "x": x, "y": y}
+
+    out = []
     if n_single > len(PLOT_COLOURS):
         rest = range(len(PLOT_COLOURS), n_single)
-        series.append(
-            {
-                "label": f"{names[rest[0]]} to {names[rest[-1]]}" if len(rest) > 1 else names[rest[0]],
-                "colour": "0.65",
-                "marker": "o",
-                "x": np.concatenate([predicted[e][keep[e]] for e in rest]),
-                "y": np.concatenate([measured[e][keep[e]] for e in rest]),
-            }
-        )
-    for e in range(min(n_single, len(PLOT_COLOURS))):
-        series.append(
-            {
-                "label": names[e],
-                "colour": PLOT_COLOURS[e],
-                "marker": "o",
-                "x": predicted[e][keep[e]],
-                "y": measured[e][keep[e]],
-            }
-        )
-    for e in range(n_single, len(names)):
-        series.append(
-            {"label": names[e], "colour": "black", "marker": "x", "x": predicted[e][keep[e]], "y": measured[e][keep[e]]}
-        )
-    return series
+        label = f"{names[rest[0]]} to {names[rest[-1]]}" if len(rest) > 1 else names[rest[0]]
+        out.append(series(label, "0.65", "o", rest))
+    out += [series(names[e], PLOT_COLOURS[e], "o", [e]) for e in range(min(n_single, len(PLOT_COLOURS)))]
+    out += [series(names[e], "black", "x", [e]) for e in range(n_single, len(names))]
+    return out
 
 
 def _plot(path, names, predicted, measured, own, n_single: int) -> None:

@@ -332,8 +332,8 @@ class PrefixCachedEditor:
                 use_cache=True,
             )
             self.cache = getattr(out, "cache", None) if cache_kw == "cache" else out.past_key_values
-            if self.cache is None or not hasattr(self.cache, "crop"):
-                return
+            if not hasattr(self.cache, "layers") and not hasattr(self.cache, "key_cache"):
+                return  # no cache, or one `_rewind` cannot cut back to the prefix
             try:
                 self.hidden, self.later, self.calls, _ = _later_calls(
                     adapter,

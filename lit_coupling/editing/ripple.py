@@ -258,9 +258,9 @@ def score_pieces(
 
 def checked_drafts(model, tokenizer, pieces: Sequence[KnowledgePiece], baseline: PieceScores, pad_id: int, rows=16):
     """The baseline's drafts, if checking them in the teacher-forced pass works for this model: `rows` pieces with
-    drafts scored again on the same (unedited) model, their drafts as branches, must give the same log P and
-    greedy matches with no decoding (tree attention through a 4D mask is not assumed of every family). Else None:
-    decoding then runs as without drafts."""
+    drafts scored again on the same (unedited) model, their drafts as branches, must give the same log P, greedy
+    matches and continuations with no decoding (tree attention through a 4D mask is not assumed of every family).
+    Else None: decoding then runs as without drafts."""
     picked = [i for i, d in enumerate(baseline.drafts) if d][:rows]
     if not picked or not supports_cached_scoring(model):
         return None
@@ -271,6 +271,8 @@ def checked_drafts(model, tokenizer, pieces: Sequence[KnowledgePiece], baseline:
         return None
     same = all(abs(again.logp[k] - baseline.logp[i]) < 1e-4 for k, i in enumerate(picked))
     same = same and [again.gen_em[k] for k in range(len(picked))] == [baseline.gen_em[i] for i in picked]
+    # every draft must hold to its end: one that broke is settled by the argmax at the break, without decoding
+    same = same and again.drafts == [baseline.drafts[i] for i in picked]
     return baseline.drafts if same and again.decoded == 0 else None
 
 
