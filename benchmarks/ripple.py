@@ -26,6 +26,7 @@ import torch
 
 from lit_coupling.data.piece import load_pieces
 from lit_coupling.editing.ripple import EXTRA_GENERATED_TOKENS, PieceScores, checked_drafts, score_pieces
+from lit_coupling.errors import UserError
 from lit_coupling.inject.embedded import ensure_embedded
 from lit_coupling.models.loading import load_model
 from lit_coupling.scoring import (
@@ -167,13 +168,17 @@ def main(argv: list[str] | None = None) -> int:
         "greedy continuations change; 0.5 changes most)",
     )
     args = parser.parse_args(argv)
-    if not args.edit_size > 0:
-        parser.error(f"--edit-size must be positive (got {args.edit_size})")
+    for name in ("batch_size", "repeat", "threads", "edit_size"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    try:  # before the model loads: a wrong path is said at once
+        pieces, meta = load_pieces(args.pieces)
+    except (UserError, OSError) as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
     ensure_embedded(args.model)  # an embedded name (tiny-gpt2) is trained on first use
     loaded = load_model(args.model, dtype="float32", device="cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
-    pieces, meta = load_pieces(args.pieces)
     pad = meta["tokenizer"]["pad_id"]
     cases = {
         "full": lambda: previous_scoring(model, tokenizer, pieces, args.batch_size, pad, window=False),
